@@ -1,0 +1,57 @@
+"""Tether: durable execution for Python.
+
+Workflows are ordinary async Python whose every step is recorded in a store; a run
+resumes from its last recorded step after a crash. See ``tether.workflow``,
+``tether.activity``, ``tether.client`` and ``tether.worker``.
+"""
+
+from tether import activity, workflow
+from tether.client import Client, HistoryEvent, WorkflowDescription, WorkflowHandle
+from tether.common import RetryPolicy
+from tether.converter import PayloadConverter
+from tether.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    InvalidArgumentError,
+    NondeterminismError,
+    PayloadError,
+    StaleTaskError,
+    StoreError,
+    TetherError,
+    TimeoutFailure,
+    UnknownWorkflowTypeError,
+    WorkflowAlreadyStartedError,
+    WorkflowFailureError,
+    WorkflowNotFoundError,
+)
+from tether.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivityError",
+    "ApplicationError",
+    "Client",
+    "FailureError",
+    "HistoryEvent",
+    "InvalidArgumentError",
+    "NondeterminismError",
+    "PayloadConverter",
+    "PayloadError",
+    "RetryPolicy",
+    "StaleTaskError",
+    "StoreError",
+    "TetherError",
+    "TimeoutFailure",
+    "UnknownWorkflowTypeError",
+    "Worker",
+    "WorkflowAlreadyStartedError",
+    "WorkflowDescription",
+    "WorkflowFailureError",
+    "WorkflowHandle",
+    "WorkflowNotFoundError",
+    "__version__",
+    "activity",
+    "workflow",
+]

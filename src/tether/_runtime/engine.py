@@ -1,0 +1,692 @@
+"""The worker engine: claims tasks under leases, runs workflows and activities.
+
+Loops, all on the caller's event loop:
+
+- workflow tasks: claim a batch, replay or continue each run from the cache, commit
+  the commands in one transaction; activities it schedules are leased to this
+  worker in that same transaction when it has free slots (eager dispatch);
+- activity tasks: claim what is ready and run it, with timeouts and heartbeats;
+- timers: fire due timers, and wake the other loops when a retry falls due;
+- leases: renew this worker's leases, and retry activities whose worker died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextvars
+import functools
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from tether._runtime.activity_context import ActivityCancelled, ActivityContext, ActivityInfo
+from tether._runtime.activity_context import current as current_activity
+from tether._runtime.clock import Clock
+from tether._runtime.definitions import ActivityDefinition, WorkflowDefinition
+from tether._runtime.failures import to_failure
+from tether._runtime.instance import (
+    Command,
+    WorkflowInfo,
+    WorkflowInstance,
+    WorkflowTaskFailure,
+)
+from tether._store.base import (
+    ACTIVITY_CANCEL_REQUESTED,
+    ACTIVITY_COMPLETED,
+    ACTIVITY_FAILED,
+    ACTIVITY_SCHEDULED,
+    COMPLETED,
+    FAILED,
+    TIMER_CANCELLED,
+    TIMER_STARTED,
+    WORKFLOW_COMPLETED,
+    WORKFLOW_FAILED,
+    ActivityTask,
+    NewActivity,
+    RunClose,
+    Store,
+    WorkflowTask,
+    WorkflowTaskCompletion,
+)
+from tether.common import RetryPolicy
+from tether.converter import PayloadConverter
+from tether.exceptions import (
+    ActivityError,
+    ApplicationError,
+    StaleTaskError,
+    StoreError,
+    TimeoutFailure,
+)
+
+logger = logging.getLogger("tether.worker")
+
+_IDLE_POLL = 1.0
+"""Longest sleep of an idle loop; store notifications usually wake it much sooner."""
+
+
+def default_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        converter: PayloadConverter,
+        *,
+        task_queue: str,
+        workflows: Sequence[WorkflowDefinition],
+        activities: Sequence[ActivityDefinition],
+        identity: str,
+        max_concurrent_activities: int,
+        max_concurrent_workflow_tasks: int,
+        max_cached_workflows: int,
+        lease_duration: float,
+        graceful_shutdown_timeout: float,
+        activity_executor: concurrent.futures.Executor | None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.converter = converter
+        self.task_queue = task_queue
+        self.workflows = {w.name: w for w in workflows}
+        self.activities = {a.name: a for a in activities}
+        self.identity = identity
+        self.max_activities = max_concurrent_activities
+        self.max_workflow_tasks = max_concurrent_workflow_tasks
+        self.max_cached = max_cached_workflows
+        self.lease_duration = lease_duration
+        self.graceful_shutdown_timeout = graceful_shutdown_timeout
+        self._own_executor = activity_executor is None
+        self._executor = activity_executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, min(max_concurrent_activities, 64)),
+            thread_name_prefix="tether-activity",
+        )
+        self._cache: collections.OrderedDict[str, WorkflowInstance] = collections.OrderedDict()
+        self._workflow_tasks: set[asyncio.Task[None]] = set()
+        self._activity_tasks: dict[asyncio.Task[None], ActivityTask] = {}
+        self._activity_slots_reserved = 0
+        self._loops: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._kick: asyncio.Future[None] | None = None
+        self.stats = collections.Counter[str]()
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        now = self.clock.now()
+        await self.store.register_worker(
+            self.task_queue,
+            self.identity,
+            sorted(self.workflows),
+            sorted(self.activities),
+            now,
+        )
+        # A restart with the same identity takes back its own work at once instead
+        # of waiting for its old leases to lapse.
+        await self.store.release_leases(self.identity, now)
+        loops: list[Callable[[], Awaitable[None]]] = [self._timer_loop, self._lease_loop]
+        if self.workflows:
+            loops.append(self._workflow_loop)
+        if self.activities:
+            loops.append(self._activity_loop)
+        self._loops = [asyncio.create_task(fn(), name=f"tether {fn.__name__}") for fn in loops]
+
+    async def stop(self) -> None:
+        """Stop claiming, let in-flight work finish (up to the grace period), release the rest."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake()
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._workflow_tasks:
+            await asyncio.wait(set(self._workflow_tasks), timeout=self.graceful_shutdown_timeout)
+        if self._activity_tasks:
+            _, pending = await asyncio.wait(
+                set(self._activity_tasks), timeout=self.graceful_shutdown_timeout
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        try:
+            await self.store.release_leases(self.identity, self.clock.now())
+        except StoreError:
+            logger.warning("could not release leases on shutdown; they will lapse instead")
+        for inst in self._cache.values():
+            inst.evict()
+        self._cache.clear()
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def running(self) -> bool:
+        return not self._stopping
+
+    # -- waiting ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._kick is not None and not self._kick.done():
+            self._kick.set_result(None)
+        self._kick = None
+
+    async def _wait(self, store_waiter: asyncio.Future[None], timeout: float) -> None:
+        if self._kick is None or self._kick.done():
+            self._kick = asyncio.get_running_loop().create_future()
+        sleeper = asyncio.ensure_future(self.clock.wait(timeout))
+        try:
+            await asyncio.wait(
+                [store_waiter, self._kick, sleeper], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            sleeper.cancel()
+
+    async def _guarded(self, what: str, step: Callable[[], Awaitable[float | None]]) -> None:
+        """Run ``step`` until stopped; it returns how long to wait for work (None: no wait)."""
+        backoff = 0.05
+        while not self._stopping:
+            waiter = self.store.change_waiter()
+            try:
+                delay = await step()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                level = logging.WARNING if isinstance(e, StoreError) else logging.ERROR
+                logger.log(level, "%s loop: %s; retrying in %.2fs", what, e, backoff, exc_info=True)
+                delay = backoff
+                backoff = min(backoff * 2, 5.0)
+            if delay is not None:
+                await self._wait(waiter, delay)
+
+    # -- workflow tasks ------------------------------------------------------------------
+    async def _workflow_loop(self) -> None:
+        async def step() -> float | None:
+            free = self.max_workflow_tasks - len(self._workflow_tasks)
+            if free <= 0:
+                return _IDLE_POLL
+            now = self.clock.now()
+            tasks = await self.store.claim_workflow_tasks(
+                self.task_queue, self.identity, free, now + self.lease_duration, now
+            )
+            for task in tasks:
+                t = asyncio.create_task(self._run_workflow_task(task))
+                self._workflow_tasks.add(t)
+                t.add_done_callback(self._workflow_tasks.discard)
+            return None if len(tasks) == free else _IDLE_POLL
+
+        await self._guarded("workflow", step)
+
+    def _take_instance(self, task: WorkflowTask) -> WorkflowInstance | None:
+        inst = self._cache.pop(task.run_id, None)
+        if inst is not None and inst.task_version != task.task_version:
+            inst.evict()  # another worker advanced this run; rebuild from history
+            return None
+        return inst
+
+    def _put_instance(self, run_id: str, inst: WorkflowInstance) -> None:
+        if inst.closed or self.max_cached <= 0:
+            inst.evict()
+            return
+        self._cache[run_id] = inst
+        while len(self._cache) > self.max_cached:
+            _, old = self._cache.popitem(last=False)
+            old.evict()
+            self.stats["evictions"] += 1
+
+    async def _run_workflow_task(self, task: WorkflowTask) -> None:
+        inst = self._take_instance(task)
+        try:
+            if inst is None:
+                events = await self.store.read_history(task.run_id)
+                inst = self._new_instance(task, events[0].time, events[0].data)
+                self.stats["replays"] += 1
+            else:
+                events = await self.store.read_history(task.run_id, inst.last_seq)
+            now = self.clock.now()
+            commands = inst.apply(events, now)
+        except WorkflowTaskFailure as e:
+            if inst is not None:
+                inst.evict()
+            await self._fail_workflow_task(task, e)
+            return
+        except Exception:
+            if inst is not None:
+                inst.evict()
+            raise
+        completion, reserved = self._completion(task, inst, commands, now)
+        try:
+            result = await self.store.complete_workflow_task(completion, self.identity, now)
+        except (StaleTaskError, StoreError) as e:
+            self._activity_slots_reserved -= reserved
+            inst.evict()
+            logger.info("workflow task of run %s not committed: %s", task.run_id, e)
+            return
+        self._activity_slots_reserved -= reserved
+        self.stats["workflow_tasks"] += 1
+        inst.task_version = result.task_version
+        inst.mark_committed(result.history_length - len(completion.events), result.history_length)
+        self._put_instance(task.run_id, inst)
+        for activity in result.eager_activities:
+            self._start_activity(activity)
+        if result.more_work:
+            self._wake()
+
+    def _new_instance(self, task: WorkflowTask, start_time: float, started: dict[str, Any]) -> Any:
+        defn = self.workflows.get(task.workflow_type)
+        info = WorkflowInfo(
+            namespace=task.namespace,
+            workflow_id=task.workflow_id,
+            run_id=task.run_id,
+            workflow_type=task.workflow_type,
+            task_queue=started["task_queue"],
+            start_time=start_time,
+        )
+        if defn is None:
+            raise WorkflowTaskFailure(
+                f"workflow type {task.workflow_type!r} is not registered on worker "
+                f"{self.identity} (task queue {self.task_queue!r}; it has "
+                f"{sorted(self.workflows) or 'none'})",
+                LookupError(task.workflow_type),
+            )
+        return WorkflowInstance(defn, info, self.converter)
+
+    async def _fail_workflow_task(self, task: WorkflowTask, error: WorkflowTaskFailure) -> None:
+        delay = min(0.5 * 2 ** (task.attempt - 1), 10.0)
+        logger.error(
+            "workflow task failed (attempt %d, retry in %.1fs) for workflow %s run %s: %s",
+            task.attempt,
+            delay,
+            task.workflow_id,
+            task.run_id,
+            error,
+            exc_info=error.__cause__,
+        )
+        failure = to_failure(error.__cause__ or error)
+        failure["message"] = str(error)
+        failure["attempt"] = task.attempt
+        try:
+            await self.store.fail_workflow_task(task, failure, self.clock.now() + delay)
+        except StoreError:
+            pass  # the lease lapses and the task is retried anyway
+        self.stats["workflow_task_failures"] += 1
+
+    def _completion(
+        self, task: WorkflowTask, inst: WorkflowInstance, commands: list[Command], now: float
+    ) -> tuple[WorkflowTaskCompletion, int]:
+        completion = WorkflowTaskCompletion(task=task, events=commands, inputs_through=inst.last_seq)
+        for event_type, data in commands:
+            if event_type == ACTIVITY_SCHEDULED:
+                completion.activities.append(
+                    NewActivity(
+                        seq=data["seq"],
+                        activity_type=data["activity_type"],
+                        task_queue=data["task_queue"],
+                        args=data["args"],
+                        options=data["options"],
+                    )
+                )
+            elif event_type == TIMER_STARTED:
+                completion.timers.append((data["seq"], data["fire_at"]))
+            elif event_type == TIMER_CANCELLED:
+                completion.cancel_timers.append(data["seq"])
+            elif event_type == ACTIVITY_CANCEL_REQUESTED:
+                completion.cancel_activities.append(data["seq"])
+            elif event_type == WORKFLOW_COMPLETED:
+                completion.close = RunClose(status=COMPLETED, result=data["result"])
+            elif event_type == WORKFLOW_FAILED:
+                completion.close = RunClose(status=FAILED, failure=data["failure"])
+        reserved = 0
+        if completion.activities and self.activities and not self._stopping:
+            eligible = sum(
+                1
+                for a in completion.activities
+                if a.task_queue == self.task_queue and a.activity_type in self.activities
+            )
+            if eligible == len(completion.activities):
+                reserved = min(eligible, self._free_activity_slots())
+        self._activity_slots_reserved += reserved
+        completion.eager_activity_limit = reserved
+        completion.activity_lease_until = now + self.lease_duration
+        return completion, reserved
+
+    # -- activities --------------------------------------------------------------------
+    def _free_activity_slots(self) -> int:
+        return self.max_activities - len(self._activity_tasks) - self._activity_slots_reserved
+
+    async def _activity_loop(self) -> None:
+        async def step() -> float | None:
+            free = self._free_activity_slots()
+            if free <= 0:
+                return _IDLE_POLL
+            now = self.clock.now()
+            tasks = await self.store.claim_activity_tasks(
+                self.task_queue, self.identity, free, now + self.lease_duration, now
+            )
+            for task in tasks:
+                self._start_activity(task)
+            return None if len(tasks) == free else _IDLE_POLL
+
+        await self._guarded("activity", step)
+
+    def _start_activity(self, task: ActivityTask) -> None:
+        t = asyncio.create_task(self._run_activity(task))
+        self._activity_tasks[t] = task
+        t.add_done_callback(self._activity_done)
+
+    def _activity_done(self, t: asyncio.Task[None]) -> None:
+        self._activity_tasks.pop(t, None)
+        if not self._stopping:
+            self._wake()
+
+    async def _run_activity(self, task: ActivityTask) -> None:
+        opts = task.options
+        now = self.clock.now()
+        s2c = opts.get("schedule_to_close")
+        s2c_deadline = task.scheduled_at + s2c if s2c else None
+        defn = self.activities.get(task.activity_type)
+        heartbeat_timeout = opts.get("heartbeat")
+        ctx = ActivityContext(
+            ActivityInfo(
+                activity_type=task.activity_type,
+                activity_seq=task.seq,
+                attempt=task.attempt,
+                idempotency_key=f"{task.run_id}/{task.seq}",
+                heartbeat_details=task.heartbeat_details,
+                workflow_id=task.workflow_id,
+                run_id=task.run_id,
+                workflow_type=task.workflow_type,
+                task_queue=task.task_queue,
+                scheduled_time=task.scheduled_at,
+                start_to_close_timeout=opts.get("start_to_close"),
+                heartbeat_timeout=heartbeat_timeout,
+            ),
+            on_heartbeat=lambda: None,
+        )
+        try:
+            if s2c_deadline is not None and now >= s2c_deadline:
+                raise TimeoutFailure(
+                    f"activity {task.activity_type!r} passed its schedule_to_close_timeout "
+                    f"({s2c} s) before attempt {task.attempt} could start",
+                    timeout_type="schedule_to_close",
+                )
+            if defn is None:
+                raise ApplicationError(
+                    f"activity type {task.activity_type!r} is not registered on worker "
+                    f"{self.identity} (task queue {self.task_queue!r})",
+                    type="ActivityNotRegistered",
+                )
+            result = await self._execute(task, defn, ctx, s2c_deadline)
+            payload = self.converter.encode(result, f"result of activity {task.activity_type!r}")
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # Shutting down mid-attempt: the lease is released and the attempt rerun.
+            return
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            await self._activity_failed(task, e, ctx.details, s2c_deadline)
+            return
+        try:
+            await self.store.finish_activity(
+                task, ACTIVITY_COMPLETED, {"seq": task.seq, "result": payload}, self.clock.now()
+            )
+            self.stats["activities"] += 1
+        except StaleTaskError as e:
+            logger.info("activity result dropped: %s", e)
+
+    async def _execute(
+        self,
+        task: ActivityTask,
+        defn: ActivityDefinition,
+        ctx: ActivityContext,
+        s2c_deadline: float | None,
+    ) -> Any:
+        args = self.converter.decode_args(
+            task.args, defn.arg_hints, f"activity {task.activity_type!r}"
+        )
+        opts = task.options
+        loop = asyncio.get_running_loop()
+        flusher = _HeartbeatFlusher(self, task, ctx, loop)
+        ctx._on_heartbeat = flusher.on_heartbeat
+        context = contextvars.copy_context()
+        context.run(current_activity.set, ctx)
+        if defn.is_async:
+            work: asyncio.Future[Any] = loop.create_task(defn.fn(*args), context=context)
+        else:
+            work = asyncio.ensure_future(
+                loop.run_in_executor(self._executor, functools.partial(context.run, defn.fn, *args))
+            )
+        start = time.monotonic()
+        start_to_close = opts.get("start_to_close")
+        attempt_deadline = start + start_to_close if start_to_close else float("inf")
+        timeout_type = "start_to_close"
+        if s2c_deadline is not None:
+            remaining = s2c_deadline - self.clock.now()
+            if start + remaining < attempt_deadline:
+                attempt_deadline, timeout_type = start + remaining, "schedule_to_close"
+        heartbeat_timeout = opts.get("heartbeat")
+        try:
+            while True:
+                mono = time.monotonic()
+                wake = attempt_deadline
+                if heartbeat_timeout:
+                    wake = min(wake, ctx.last_heartbeat + heartbeat_timeout)
+                await asyncio.wait(
+                    [work, flusher.cancelled],
+                    timeout=max(wake - mono, 0.0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if work.done():
+                    return work.result()
+                mono = time.monotonic()
+                if flusher.cancelled.done():
+                    reason = "cancelled by the workflow"
+                    ctx.cancel(reason)
+                    work.cancel()
+                    raise ActivityCancelled(reason)
+                if mono >= attempt_deadline:
+                    limit = opts.get(timeout_type)
+                    reason = (
+                        f"activity {task.activity_type!r} exceeded its {timeout_type} "
+                        f"timeout ({limit} s)"
+                    )
+                elif heartbeat_timeout and mono >= ctx.last_heartbeat + heartbeat_timeout:
+                    timeout_type = "heartbeat"
+                    reason = (
+                        f"activity {task.activity_type!r} sent no heartbeat within its "
+                        f"heartbeat timeout ({heartbeat_timeout} s)"
+                    )
+                else:
+                    continue
+                ctx.cancel(reason)
+                work.cancel()
+                raise TimeoutFailure(
+                    reason, timeout_type=timeout_type, last_heartbeat_details=ctx.details
+                )
+        except asyncio.CancelledError:
+            ctx.cancel("the worker is shutting down")
+            work.cancel()
+            raise
+        finally:
+            flusher.close()
+
+    async def _activity_failed(
+        self,
+        task: ActivityTask,
+        error: BaseException,
+        details: Any,
+        s2c_deadline: float | None,
+    ) -> None:
+        decision = self._retry_decision(task, error, s2c_deadline)
+        try:
+            if decision is None:
+                logger.info(
+                    "activity %s (run %s, attempt %d) failed, will retry: %s",
+                    task.activity_type,
+                    task.run_id,
+                    task.attempt,
+                    error,
+                )
+                await self.store.retry_activity(
+                    task, to_failure(error), self._retry_at(task, error), details
+                )
+                self.stats["activity_retries"] += 1
+                return
+            wrapped = ActivityError(
+                f"activity {task.activity_type!r} failed (attempt {task.attempt}, "
+                f"{decision}): {error}",
+                activity_type=task.activity_type,
+                activity_seq=task.seq,
+                attempt=task.attempt,
+                retry_state=decision,
+                cause=error,
+            )
+            await self.store.finish_activity(
+                task,
+                ACTIVITY_FAILED,
+                {"seq": task.seq, "failure": to_failure(wrapped)},
+                self.clock.now(),
+            )
+        except StaleTaskError as e:
+            logger.info("activity failure dropped: %s", e)
+
+    def _retry_decision(
+        self, task: ActivityTask, error: BaseException, s2c_deadline: float | None
+    ) -> str | None:
+        """None to retry, else why not (the ``retry_state`` of the ``ActivityError``)."""
+        policy = RetryPolicy.from_dict(task.options["retry_policy"])
+        if isinstance(error, ActivityCancelled):
+            return "cancelled"
+        if isinstance(error, TimeoutFailure) and error.timeout_type == "schedule_to_close":
+            return "timeout"
+        if isinstance(error, ApplicationError) and error.non_retryable:
+            return "non_retryable"
+        error_type = error.type if isinstance(error, ApplicationError) else type(error).__name__
+        if error_type in policy.non_retryable_error_types:
+            return "non_retryable"
+        if policy.maximum_attempts and task.attempt >= policy.maximum_attempts:
+            return "maximum_attempts_reached"
+        if s2c_deadline is not None and self._retry_at(task, error) >= s2c_deadline:
+            return "timeout"
+        return None
+
+    def _retry_at(self, task: ActivityTask, error: BaseException) -> float:
+        if isinstance(error, ApplicationError) and error.next_retry_delay is not None:
+            delay = error.next_retry_delay
+        elif isinstance(error, TimeoutFailure) and error.timeout_type == "worker_lost":
+            delay = 0.0  # the attempt did not fail; its worker did: rerun at once
+        else:
+            delay = RetryPolicy.from_dict(task.options["retry_policy"]).delay_after(task.attempt)
+        return self.clock.now() + delay
+
+    # -- timers and leases ------------------------------------------------------------------
+    async def _timer_loop(self) -> None:
+        async def step() -> float | None:
+            now = self.clock.now()
+            fired = await self.store.fire_due_timers(now, 500)
+            if fired == 500:
+                return None
+            due = await self.store.next_due_time()
+            if due is None:
+                return _IDLE_POLL
+            if due <= now:
+                self._wake()  # a retry fell due: let the claim loops look
+                return min(_IDLE_POLL, 0.05)
+            return min(due - now, _IDLE_POLL)
+
+        await self._guarded("timer", step)
+
+    async def _lease_loop(self) -> None:
+        interval = max(self.lease_duration / 3, 0.05)
+
+        async def step() -> float | None:
+            now = self.clock.now()
+            await self.store.renew_leases(self.identity, now + self.lease_duration, now)
+            await self.store.register_worker(
+                self.task_queue, self.identity, sorted(self.workflows), sorted(self.activities), now
+            )
+            for task in await self.store.expired_activity_tasks(now, 500):
+                if task.cancel_requested:
+                    error: BaseException = ActivityCancelled("cancelled by the workflow")
+                else:
+                    error = TimeoutFailure(
+                        f"worker {task.owner} stopped renewing its lease on activity "
+                        f"{task.activity_type!r} attempt {task.attempt} (it likely died)",
+                        timeout_type="worker_lost",
+                        last_heartbeat_details=task.heartbeat_details,
+                    )
+                s2c = task.options.get("schedule_to_close")
+                deadline = task.scheduled_at + s2c if s2c else None
+                await self._activity_failed(task, error, task.heartbeat_details, deadline)
+            return interval
+
+        await self._guarded("lease", step)
+
+
+class _HeartbeatFlusher:
+    """Saves heartbeat details to the store, throttled, and notices cancellation."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        task: ActivityTask,
+        ctx: ActivityContext,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.engine = engine
+        self.task = task
+        self.ctx = ctx
+        self.loop = loop
+        hb = task.options.get("heartbeat")
+        self.interval = min(hb * 0.8 if hb else 10.0, engine.lease_duration / 3)
+        self.scheduled = False
+        self.last_flush = 0.0
+        self.cancelled: asyncio.Future[None] = loop.create_future()
+        self.closed = False
+        self._flush_task: asyncio.Task[None] | None = None
+
+    def on_heartbeat(self) -> None:
+        # May be called from an activity thread: hop onto the loop.
+        self.loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        if self.scheduled or self.closed:
+            return
+        self.scheduled = True
+        delay = max(0.0, self.last_flush + self.interval - time.monotonic())
+        self.loop.call_later(delay, self._start_flush)
+
+    def _start_flush(self) -> None:
+        if not self.closed:
+            self._flush_task = self.loop.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        self.scheduled = False
+        self.last_flush = time.monotonic()
+        self.ctx.details_dirty = False
+        engine = self.engine
+        try:
+            cancel = await engine.store.heartbeat_activity(
+                self.task,
+                self.ctx.details,
+                engine.clock.now() + engine.lease_duration,
+            )
+        except StaleTaskError:
+            cancel = True
+        except StoreError:
+            return
+        if cancel and not self.cancelled.done():
+            self.cancelled.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        if not self.cancelled.done():
+            self.cancelled.cancel()

@@ -1,0 +1,510 @@
+"""A live workflow run: a deterministic asyncio event loop driven by history.
+
+The instance *is* an event loop, so plain ``asyncio`` works in workflow code:
+``asyncio.sleep`` and every ``call_later`` become durable timers, tasks and futures
+run in a fixed order, and time only moves when history says so.
+
+History is read in blocks. Each workflow task left a block of command events ended
+by ``WorkflowTaskCompleted {inputs_through}``; replaying it means delivering the
+inbound events up to ``inputs_through``, running the loop until it is idle and
+checking that the code emitted exactly that block's commands. Inbound events past
+the last block are new: running the loop on them yields the commands to commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tether._runtime.definitions import WorkflowDefinition
+from tether._runtime.failures import from_failure, to_failure
+from tether._store.base import (
+    ACTIVITY_CANCEL_REQUESTED,
+    ACTIVITY_COMPLETED,
+    ACTIVITY_FAILED,
+    ACTIVITY_SCHEDULED,
+    COMMAND_EVENTS,
+    INBOUND_EVENTS,
+    TIMER_CANCELLED,
+    TIMER_FIRED,
+    TIMER_STARTED,
+    WORKFLOW_COMPLETED,
+    WORKFLOW_FAILED,
+    WORKFLOW_STARTED,
+    WORKFLOW_TASK_COMPLETED,
+    Event,
+)
+from tether.converter import PayloadConverter
+from tether.exceptions import FailureError, InvalidArgumentError, NondeterminismError
+
+logger = logging.getLogger("tether.workflow")
+
+Command = tuple[str, dict[str, Any]]
+"""An event type and its data, as it will be appended to history."""
+
+# Errors that mean the workflow *code* is broken: the workflow task is retried so
+# a fixed deploy can continue the run, instead of failing the run for good.
+BUG_EXCEPTION_TYPES: tuple[type[BaseException], ...] = (
+    NameError,
+    AttributeError,
+    TypeError,
+    ImportError,
+    SyntaxError,
+    NotImplementedError,
+    RecursionError,
+    InvalidArgumentError,
+    NondeterminismError,
+)
+
+
+class WorkflowTaskFailure(Exception):
+    """The workflow task failed (a bug or nondeterminism); retry it later."""
+
+    def __init__(self, message: str, cause: BaseException) -> None:
+        super().__init__(message)
+        self.__cause__ = cause
+
+
+class _Evicted(BaseException):
+    """Thrown into a workflow's coroutines when its instance is dropped from the cache."""
+
+
+@dataclass(frozen=True)
+class WorkflowInfo:
+    """Facts about the running workflow, from ``workflow.info()``."""
+
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    start_time: float
+    """Epoch seconds when the run started."""
+
+
+class _DurableTimer(asyncio.TimerHandle):
+    """A ``call_later`` handle backed by a durable timer; cancelling it cancels the timer."""
+
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[..., Any],
+        args: tuple[Any, ...],
+        loop: WorkflowInstance,
+        context: contextvars.Context | None,
+        seq: int | None,
+    ) -> None:
+        super().__init__(when, callback, args, loop, context=context)
+        self.seq = seq
+
+    def cancel(self) -> None:
+        if not self.cancelled():
+            loop = self._loop
+            assert isinstance(loop, WorkflowInstance)
+            loop._cancel_timer(self)
+        super().cancel()
+
+
+class WorkflowInstance(asyncio.AbstractEventLoop):
+    """One run's workflow object, its event loop and its position in history."""
+
+    def __init__(
+        self, defn: WorkflowDefinition, info: WorkflowInfo, converter: PayloadConverter
+    ) -> None:
+        self.defn = defn
+        self.info = info
+        self.converter = converter
+        self.last_seq = 0
+        """Seq of the last history event applied."""
+        self.task_version = 0
+        """Number of workflow task blocks applied."""
+        self.closed = False
+        self.replaying = False
+        self._now = info.start_time
+        self._ready: collections.deque[asyncio.Handle] = collections.deque()
+        self._next_seq = 0
+        self._commands: list[Command] = []
+        self._activities: dict[int, tuple[asyncio.Future[Any], Any]] = {}
+        self._timers: dict[int, _DurableTimer] = {}
+        self._undelivered: list[Event] = []
+        self._block: list[Event] = []
+        self._main: asyncio.Task[Any] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._random = random.Random(0)
+        self._evicted = False
+        self.workflow_object: Any = None
+        self._committed = (0, -1)
+
+    def mark_committed(self, first_seq: int, last_seq: int) -> None:
+        """This instance's last activation was committed as events first_seq..last_seq."""
+        self._committed = (first_seq, last_seq)
+
+    # -- driving the instance ---------------------------------------------------
+    def apply(self, events: list[Event], now: float) -> list[Command]:
+        """Apply history events after ``last_seq``; return the commands of the new activation.
+
+        Raises ``WorkflowTaskFailure`` for a bug or a nondeterminism; the instance is then
+        unusable and must be dropped.
+        """
+        skip_from, skip_to = self._committed
+        for event in events:
+            if event.seq <= self.last_seq:
+                continue
+            self.last_seq = event.seq
+            if skip_from <= event.seq <= skip_to:
+                continue  # this worker committed that block itself and is already past it
+            if event.type in INBOUND_EVENTS:
+                self._undelivered.append(event)
+            elif event.type in COMMAND_EVENTS:
+                self._block.append(event)
+            elif event.type == WORKFLOW_TASK_COMPLETED:
+                self._replay_block(event)
+        if self._block:
+            # Commands after the last completed task cannot happen: each task's block
+            # is committed with its WorkflowTaskCompleted in one transaction.
+            raise WorkflowTaskFailure(
+                "history ends with commands that no workflow task completed",
+                NondeterminismError("history has an unterminated block of commands"),
+            )
+        if not self._undelivered or self.closed:
+            return []
+        inbound, self._undelivered = self._undelivered, []
+        self.replaying = False
+        self._activate(inbound, now)
+        commands, self._commands = self._commands, []
+        return commands
+
+    def _replay_block(self, marker: Event) -> None:
+        through = marker.data["inputs_through"]
+        inbound = [e for e in self._undelivered if e.seq <= through]
+        self._undelivered = [e for e in self._undelivered if e.seq > through]
+        expected, self._block = self._block, []
+        self.replaying = True
+        self._activate(inbound, marker.time)
+        produced, self._commands = self._commands, []
+        self._check_block(expected, produced, marker)
+        self.task_version += 1
+
+    def _check_block(self, expected: list[Event], produced: list[Command], marker: Event) -> None:
+        for i in range(max(len(expected), len(produced))):
+            event = expected[i] if i < len(expected) else None
+            command = produced[i] if i < len(produced) else None
+            if event is not None and command is not None and _matches(event, command):
+                continue
+            if event is None:
+                assert command is not None
+                where = f"history event #{marker.seq} is {WORKFLOW_TASK_COMPLETED}"
+                did = f"emitted {_describe(command[0], command[1])}"
+            else:
+                where = f"history event #{event.seq} is {_describe(event.type, event.data)}"
+                did = (
+                    f"emitted {_describe(command[0], command[1])}"
+                    if command is not None
+                    else "emitted no further command"
+                )
+            error = NondeterminismError(
+                f"nondeterminism in workflow {self.info.workflow_type} "
+                f"(id {self.info.workflow_id!r}, run {self.info.run_id}): {where}, but the "
+                f"code {did}. The workflow code changed incompatibly with runs in flight; "
+                "restore the previous code (the task is retried) or branch on a version."
+            )
+            raise WorkflowTaskFailure(str(error), error)
+
+    def _activate(self, inbound: list[Event], now: float) -> None:
+        self._now = now
+        for event in inbound:
+            self._deliver(event)
+        self._run_until_idle()
+        self._check_main()
+
+    def _deliver(self, event: Event) -> None:
+        data = event.data
+        if event.type == WORKFLOW_STARTED:
+            self._random.seed(data["seed"])
+            self._start_main(data["args"])
+        elif event.type == TIMER_FIRED:
+            timer = self._timers.pop(data["seq"], None)
+            if timer is not None and not timer.cancelled():
+                self._ready.append(timer)
+        elif event.type in (ACTIVITY_COMPLETED, ACTIVITY_FAILED):
+            entry = self._activities.pop(data["seq"], None)
+            if entry is None:
+                return
+            fut, hint = entry
+            if fut.done():
+                return
+            if event.type == ACTIVITY_COMPLETED:
+                try:
+                    fut.set_result(self.converter.decode(data["result"], hint, "activity result"))
+                except Exception as e:
+                    fut.set_exception(e)
+            else:
+                fut.set_exception(from_failure(data["failure"]))
+
+    def _start_main(self, args: list[Any]) -> None:
+        defn = self.defn
+        self.workflow_object = defn.cls()
+        run = getattr(self.workflow_object, defn.run_name)
+
+        async def main() -> Any:
+            decoded = self.converter.decode_args(args, defn.arg_hints, "workflow")
+            return await run(*decoded)
+
+        self._main = self.create_task(main(), name=f"workflow {defn.name}")
+
+    def _check_main(self) -> None:
+        main = self._main
+        if main is None or not main.done() or self.closed:
+            return
+        if main.cancelled():
+            self._close(WORKFLOW_FAILED, {"failure": _cancelled_failure()})
+            return
+        error = main.exception()
+        if error is None:
+            try:
+                result = self.converter.encode(main.result(), "workflow result")
+            except Exception as e:
+                raise WorkflowTaskFailure(f"workflow result cannot be stored: {e}", e) from None
+            self._close(WORKFLOW_COMPLETED, {"result": result})
+        elif self._is_failure(error):
+            self._close(WORKFLOW_FAILED, {"failure": to_failure(error)})
+        else:
+            raise WorkflowTaskFailure(
+                f"workflow task failed with {type(error).__name__}: {error}", error
+            )
+
+    def _is_failure(self, error: BaseException) -> bool:
+        if isinstance(error, (FailureError, *self.defn.failure_exception_types)):
+            return True
+        return isinstance(error, Exception) and not isinstance(error, BUG_EXCEPTION_TYPES)
+
+    def _close(self, event_type: str, data: dict[str, Any]) -> None:
+        self.closed = True
+        self._commands.append((event_type, data))
+
+    def _run_until_idle(self) -> None:
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            while self._ready:
+                handle = self._ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
+        finally:
+            asyncio.events._set_running_loop(previous)
+
+    def evict(self) -> None:
+        """Drop the workflow's coroutines without letting them emit anything."""
+        self._evicted = True
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            for task in list(self._tasks):
+                if not task.done():
+                    try:
+                        task.get_coro().close()  # type: ignore[union-attr]
+                    except BaseException:
+                        pass
+        finally:
+            asyncio.events._set_running_loop(previous)
+        self._ready.clear()
+
+    # -- commands issued by workflow code ----------------------------------------
+    def _command(self, event_type: str, data: dict[str, Any]) -> None:
+        if self._evicted:
+            raise _Evicted()
+        if self.closed:
+            raise InvalidArgumentError("the workflow has already completed")
+        self._commands.append((event_type, data))
+
+    def next_seq(self) -> int:
+        self._next_seq += 1
+        return self._next_seq
+
+    def schedule_activity(
+        self,
+        activity_type: str,
+        args: list[Any],
+        task_queue: str,
+        options: dict[str, Any],
+        result_hint: Any,
+    ) -> asyncio.Future[Any]:
+        seq = self.next_seq()
+        self._command(
+            ACTIVITY_SCHEDULED,
+            {
+                "seq": seq,
+                "activity_type": activity_type,
+                "task_queue": task_queue,
+                "args": args,
+                "options": options,
+            },
+        )
+        fut: asyncio.Future[Any] = self.create_future()
+        self._activities[seq] = (fut, result_hint)
+
+        def on_done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() and seq in self._activities and not self._evicted:
+                del self._activities[seq]
+                self._command(ACTIVITY_CANCEL_REQUESTED, {"seq": seq})
+
+        fut.add_done_callback(on_done)
+        return fut
+
+    def _cancel_timer(self, timer: _DurableTimer) -> None:
+        if timer.seq is not None and self._timers.pop(timer.seq, None) is not None:
+            if not self._evicted and not self.closed:
+                self._command(TIMER_CANCELLED, {"seq": timer.seq})
+
+    def now(self) -> float:
+        return self._now
+
+    def random(self) -> random.Random:
+        return self._random
+
+    def uuid4(self) -> uuid.UUID:
+        return uuid.UUID(int=self._random.getrandbits(128), version=4)
+
+    # -- the asyncio event loop interface ------------------------------------------
+    def time(self) -> float:
+        return self._now
+
+    def call_soon(
+        self,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        handle = asyncio.Handle(callback, args, self, context)
+        self._ready.append(handle)
+        return handle
+
+    def call_soon_threadsafe(
+        self,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.Handle:
+        raise RuntimeError("workflow code must not use threads; use activities instead")
+
+    def call_later(
+        self,
+        delay: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        if delay <= 0:
+            timer = _DurableTimer(self._now, callback, args, self, context, None)
+            self._ready.append(timer)
+            return timer
+        seq = self.next_seq()
+        self._command(
+            TIMER_STARTED, {"seq": seq, "duration": delay, "fire_at": self._now + delay}
+        )
+        timer = _DurableTimer(self._now + delay, callback, args, self, context, seq)
+        self._timers[seq] = timer
+        return timer
+
+    def call_at(
+        self,
+        when: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> asyncio.TimerHandle:
+        return self.call_later(when - self._now, callback, *args, context=context)
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.Future(loop=self)
+
+    def create_task(self, coro: Any, *, name: str | None = None, context: Any = None) -> Any:
+        if self._evicted:
+            coro.close()
+            raise _Evicted()
+        task: asyncio.Task[Any] = asyncio.Task(coro, loop=self, name=name, context=context)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def get_debug(self) -> bool:
+        return False
+
+    def is_running(self) -> bool:
+        return True
+
+    def is_closed(self) -> bool:
+        return False
+
+    def get_exception_handler(self) -> None:
+        return None
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        if self.replaying or self._evicted:
+            return
+        exc = context.get("exception")
+        logger.error(
+            "workflow %s (%s): %s",
+            self.info.workflow_id,
+            self.info.run_id,
+            context.get("message", "unhandled error"),
+            exc_info=exc if isinstance(exc, BaseException) else None,
+        )
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        self.call_exception_handler(context)
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        pass
+
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:
+        raise RuntimeError(
+            "workflow code cannot run functions in threads (not deterministic); "
+            "call an activity with workflow.execute_activity instead"
+        )
+
+
+def _matches(event: Event, command: Command) -> bool:
+    event_type, data = command
+    if event.type != event_type:
+        return False
+    if event_type == ACTIVITY_SCHEDULED:
+        return bool(
+            event.data["seq"] == data["seq"]
+            and event.data["activity_type"] == data["activity_type"]
+        )
+    if "seq" in data:
+        return bool(event.data.get("seq") == data["seq"])
+    return True
+
+
+def _describe(event_type: str, data: dict[str, Any]) -> str:
+    if event_type == ACTIVITY_SCHEDULED:
+        return f"{event_type}(activity {data['activity_type']!r}, seq {data['seq']})"
+    if event_type == TIMER_STARTED:
+        return f"{event_type}({data['duration']} s, seq {data['seq']})"
+    if "seq" in data:
+        return f"{event_type}(seq {data['seq']})"
+    return event_type
+
+
+def _cancelled_failure() -> dict[str, Any]:
+    return {"kind": "application", "type": "CancelledError", "message": "workflow was cancelled"}
+
+
+__all__ = [
+    "BUG_EXCEPTION_TYPES",
+    "ACTIVITY_CANCEL_REQUESTED",
+    "TIMER_CANCELLED",
+    "Command",
+    "WorkflowInfo",
+    "WorkflowInstance",
+    "WorkflowTaskFailure",
+]

@@ -1,0 +1,303 @@
+"""The store contract: a narrow interface in domain terms that every backend implements.
+
+A run is its history: an append-only list of events numbered from 1. Every state
+transition is one call here and one transaction in the backend: the events it
+appends and the tasks they cause (workflow tasks, activity tasks, timers) commit
+together or not at all. Work is claimed under leases; a lease that is not renewed
+expires and the work is picked up again. Times are epoch seconds supplied by the
+caller, so a test clock can move them.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+# Event types. Inbound events arrive from outside the workflow code and are
+# delivered to it; command events record what the code decided.
+WORKFLOW_STARTED = "WorkflowStarted"
+ACTIVITY_COMPLETED = "ActivityCompleted"
+ACTIVITY_FAILED = "ActivityFailed"
+TIMER_FIRED = "TimerFired"
+INBOUND_EVENTS = frozenset({WORKFLOW_STARTED, ACTIVITY_COMPLETED, ACTIVITY_FAILED, TIMER_FIRED})
+
+ACTIVITY_SCHEDULED = "ActivityScheduled"
+ACTIVITY_CANCEL_REQUESTED = "ActivityCancelRequested"
+TIMER_STARTED = "TimerStarted"
+TIMER_CANCELLED = "TimerCancelled"
+WORKFLOW_COMPLETED = "WorkflowCompleted"
+WORKFLOW_FAILED = "WorkflowFailed"
+COMMAND_EVENTS = frozenset(
+    {
+        ACTIVITY_SCHEDULED,
+        ACTIVITY_CANCEL_REQUESTED,
+        TIMER_STARTED,
+        TIMER_CANCELLED,
+        WORKFLOW_COMPLETED,
+        WORKFLOW_FAILED,
+    }
+)
+
+# Closes each workflow task's block of command events; records which inbound
+# events the task had seen and the workflow time it ran at, for replay.
+WORKFLOW_TASK_COMPLETED = "WorkflowTaskCompleted"
+
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+STATUSES = (RUNNING, COMPLETED, FAILED)
+
+
+@dataclass(slots=True)
+class Event:
+    seq: int
+    type: str
+    time: float
+    data: dict[str, Any]
+
+
+@dataclass(slots=True)
+class NewRun:
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    args: list[Any]
+    request_id: str
+    seed: int
+    now: float
+
+
+@dataclass(slots=True)
+class StartOutcome:
+    run_id: str
+    created: bool
+    """False when the call repeated an earlier start with the same request id."""
+
+
+@dataclass(slots=True)
+class RunInfo:
+    namespace: str
+    workflow_id: str
+    run_id: str
+    workflow_type: str
+    task_queue: str
+    status: str
+    created_at: float
+    closed_at: float | None
+    result: Any
+    failure: dict[str, Any] | None
+    history_length: int
+    task_failure: dict[str, Any] | None
+    """The last workflow task failure (a bug or nondeterminism), while the task is retried."""
+
+
+@dataclass(slots=True)
+class WorkflowTask:
+    run_id: str
+    workflow_id: str
+    workflow_type: str
+    task_queue: str
+    namespace: str
+    token: str
+    attempt: int
+    task_version: int
+    """Workflow tasks completed so far; the completion must find it unchanged."""
+    history_length: int
+
+
+@dataclass(slots=True)
+class ActivityTask:
+    run_id: str
+    workflow_id: str
+    workflow_type: str
+    seq: int
+    activity_type: str
+    task_queue: str
+    args: list[Any]
+    options: dict[str, Any]
+    attempt: int
+    scheduled_at: float
+    heartbeat_details: Any
+    token: str
+    owner: str | None = None
+    cancel_requested: bool = False
+
+
+@dataclass(slots=True)
+class NewActivity:
+    seq: int
+    activity_type: str
+    task_queue: str
+    args: list[Any]
+    options: dict[str, Any]
+
+
+@dataclass(slots=True)
+class RunClose:
+    status: str
+    result: Any = None
+    failure: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class WorkflowTaskCompletion:
+    task: WorkflowTask
+    events: list[tuple[str, dict[str, Any]]]
+    """Command events in order; the store appends ``WorkflowTaskCompleted`` after them."""
+    inputs_through: int
+    """Seq of the last history event the task had read."""
+    activities: list[NewActivity] = field(default_factory=list)
+    timers: list[tuple[int, float]] = field(default_factory=list)
+    cancel_timers: list[int] = field(default_factory=list)
+    cancel_activities: list[int] = field(default_factory=list)
+    close: RunClose | None = None
+    eager_activity_limit: int = 0
+    """Claim up to this many of the new activity tasks for the completing worker."""
+    activity_lease_until: float = 0.0
+
+
+@dataclass(slots=True)
+class WorkflowTaskResult:
+    task_version: int
+    history_length: int
+    eager_activities: list[ActivityTask]
+    more_work: bool
+    """New inbound events arrived while the task ran: the workflow task stays queued."""
+
+
+class Store(abc.ABC):
+    """Persistence and coordination for runs, their histories and their tasks."""
+
+    # -- runs ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def start_run(self, run: NewRun) -> StartOutcome:
+        """Create a run with its ``WorkflowStarted`` event and first workflow task.
+
+        Raises ``WorkflowAlreadyStartedError`` if a run with that workflow id is still
+        running, unless it was started by the same ``request_id`` (then returns it).
+        """
+
+    @abc.abstractmethod
+    async def get_run(self, namespace: str, workflow_id: str, run_id: str | None) -> RunInfo:
+        """The given run, or the latest run of the workflow id; ``WorkflowNotFoundError``."""
+
+    @abc.abstractmethod
+    async def list_runs(
+        self,
+        namespace: str,
+        *,
+        status: str | None = None,
+        workflow_type: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunInfo]:
+        """Runs, newest first."""
+
+    @abc.abstractmethod
+    async def read_history(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        """Events of the run with ``seq > after_seq``, in order."""
+
+    # -- workflow tasks -----------------------------------------------------
+    @abc.abstractmethod
+    async def claim_workflow_tasks(
+        self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
+    ) -> list[WorkflowTask]:
+        """Lease up to ``limit`` ready workflow tasks (a lapsed lease counts as ready)."""
+
+    @abc.abstractmethod
+    async def complete_workflow_task(
+        self, completion: WorkflowTaskCompletion, owner: str, now: float
+    ) -> WorkflowTaskResult:
+        """Append the task's events and enqueue what they cause, in one transaction.
+
+        Raises ``StaleTaskError`` if the lease was lost or another task completed first.
+        """
+
+    @abc.abstractmethod
+    async def fail_workflow_task(
+        self, task: WorkflowTask, failure: dict[str, Any], retry_at: float
+    ) -> None:
+        """Record why the task failed and make it ready again at ``retry_at``."""
+
+    # -- activities ---------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_activity_tasks(
+        self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
+    ) -> list[ActivityTask]:
+        """Lease up to ``limit`` ready activity tasks; each claim counts as a new attempt."""
+
+    @abc.abstractmethod
+    async def heartbeat_activity(
+        self, task: ActivityTask, details: Any, lease_until: float
+    ) -> bool:
+        """Save heartbeat details and extend the lease. Returns whether cancel was requested.
+
+        Raises ``StaleTaskError`` if the task is no longer leased by this attempt.
+        """
+
+    @abc.abstractmethod
+    async def finish_activity(
+        self, task: ActivityTask, event_type: str, data: dict[str, Any], now: float
+    ) -> None:
+        """Record the activity's final outcome in history and wake the workflow."""
+
+    @abc.abstractmethod
+    async def retry_activity(
+        self,
+        task: ActivityTask,
+        failure: dict[str, Any],
+        retry_at: float,
+        heartbeat_details: Any,
+    ) -> None:
+        """Release the task after a failed attempt, ready again at ``retry_at``."""
+
+    @abc.abstractmethod
+    async def expired_activity_tasks(self, now: float, limit: int) -> list[ActivityTask]:
+        """Activity tasks whose lease lapsed (their worker died or hung)."""
+
+    # -- timers, leases, housekeeping ----------------------------------------
+    @abc.abstractmethod
+    async def fire_due_timers(self, now: float, limit: int) -> int:
+        """Append ``TimerFired`` for due timers and wake their workflows; returns the count."""
+
+    @abc.abstractmethod
+    async def next_due_time(self) -> float | None:
+        """Earliest time an unleased timer, retry or workflow task becomes due."""
+
+    @abc.abstractmethod
+    async def leased_task_count(self) -> int:
+        """How many tasks are leased right now (work in progress somewhere)."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, owner: str, lease_until: float, now: float) -> None:
+        """Extend every live lease ``owner`` holds."""
+
+    @abc.abstractmethod
+    async def release_leases(self, owner: str, now: float) -> None:
+        """Make every task leased by ``owner`` ready now (graceful shutdown, or a restart)."""
+
+    @abc.abstractmethod
+    async def register_worker(
+        self,
+        task_queue: str,
+        identity: str,
+        workflow_types: list[str],
+        activity_types: list[str],
+        now: float,
+    ) -> None:
+        """Record which types a worker serves on a task queue."""
+
+    @abc.abstractmethod
+    async def workflow_types_served(self, task_queue: str, since: float) -> set[str] | None:
+        """Workflow types registered by workers seen since ``since``; None if no worker was."""
+
+    # -- notifications --------------------------------------------------------
+    @abc.abstractmethod
+    def change_waiter(self) -> asyncio.Future[None]:
+        """A future resolved at the next committed change. Take it *before* looking for work."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

@@ -1,0 +1,98 @@
+"""Payload conversion: Python values <-> JSON, typed by annotations.
+
+Values are stored as JSON. Dataclasses, pydantic models, datetimes, UUIDs, enums and
+the standard containers are encoded with pydantic; on the way back a value is
+validated into the type its parameter or return annotation declares, so a dataclass
+in is a dataclass out.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pydantic
+import pydantic_core
+
+from tether.exceptions import PayloadError
+
+DEFAULT_MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
+
+
+@functools.lru_cache(maxsize=1024)
+def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
+    return pydantic.TypeAdapter(hint)
+
+
+class PayloadConverter:
+    """Encodes values to JSON-compatible data and decodes them into declared types."""
+
+    def __init__(self, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        if max_payload_bytes <= 0:
+            raise ValueError("max_payload_bytes must be positive")
+        self.max_payload_bytes = max_payload_bytes
+
+    def encode(self, value: Any, what: str) -> Any:
+        """Return JSON-compatible data for ``value``; ``what`` names it in errors."""
+        if value is None or type(value) in (str, int, bool, float):
+            data = value
+        else:
+            try:
+                data = pydantic_core.to_jsonable_python(value)
+            except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as e:
+                raise PayloadError(
+                    f"{what}: cannot serialize a value of type {type(value).__qualname__} to "
+                    f"JSON ({e}). Use JSON types, dataclasses or pydantic models."
+                ) from None
+        if isinstance(data, str | bytes) and len(data) <= 1024:
+            return data
+        size = len(json.dumps(data, separators=(",", ":")).encode())
+        if size > self.max_payload_bytes:
+            raise PayloadError(
+                f"{what}: payload is {size} bytes, over the limit of {self.max_payload_bytes} "
+                "bytes. Store large data elsewhere and pass a reference, or raise the limit "
+                "(Client.connect(..., max_payload_bytes=...))."
+            )
+        return data
+
+    def encode_args(self, args: Sequence[Any], what: str) -> list[Any]:
+        return [self.encode(a, f"{what} argument {i + 1}") for i, a in enumerate(args)]
+
+    def decode(self, data: Any, hint: Any, what: str) -> Any:
+        """Validate ``data`` into ``hint`` (no conversion for a missing or ``Any`` hint)."""
+        if hint is None or hint is Any or hint is inspect.Parameter.empty:
+            return data
+        try:
+            return _adapter(hint).validate_python(data)
+        except pydantic.ValidationError as e:
+            raise PayloadError(f"{what}: value does not match {hint!r}: {e}") from None
+        except pydantic.PydanticSchemaGenerationError:
+            return data
+
+    def decode_args(self, data: Sequence[Any], hints: Sequence[Any], what: str) -> list[Any]:
+        out = []
+        for i, item in enumerate(data):
+            hint = hints[i] if i < len(hints) else None
+            out.append(self.decode(item, hint, f"{what} argument {i + 1}"))
+        return out
+
+
+def signature_hints(fn: Callable[..., Any], skip_self: bool = False) -> tuple[list[Any], Any]:
+    """Parameter type hints (positional order) and the return hint of ``fn``."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    params = list(inspect.signature(fn).parameters.values())
+    if skip_self and params:
+        params = params[1:]
+    arg_hints = [
+        hints.get(p.name)
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return arg_hints, hints.get("return")
