@@ -47,9 +47,7 @@ class RetryPolicy:
         if self.backoff_coefficient < 1:
             raise InvalidArgumentError("RetryPolicy.backoff_coefficient must be >= 1")
         if self.maximum_interval is not None and self.maximum_interval < self.initial_interval:
-            raise InvalidArgumentError(
-                "RetryPolicy.maximum_interval must be >= initial_interval"
-            )
+            raise InvalidArgumentError("RetryPolicy.maximum_interval must be >= initial_interval")
         if self.maximum_attempts < 0:
             raise InvalidArgumentError("RetryPolicy.maximum_attempts must be >= 0 (0 = unlimited)")
         object.__setattr__(self, "non_retryable_error_types", tuple(self.non_retryable_error_types))
@@ -66,4 +64,5 @@ class RetryPolicy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RetryPolicy:
-        return cls(**{**data, "non_retryable_error_types": tuple(data["non_retryable_error_types"])})
+        non_retryable = tuple(data["non_retryable_error_types"])
+        return cls(**{**data, "non_retryable_error_types": non_retryable})

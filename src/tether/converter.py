@@ -91,8 +91,6 @@ def signature_hints(fn: Callable[..., Any], skip_self: bool = False) -> tuple[li
     if skip_self and params:
         params = params[1:]
     arg_hints = [
-        hints.get(p.name)
-        for p in params
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        hints.get(p.name) for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     return arg_hints, hints.get("return")

@@ -37,6 +37,8 @@ class FailureError(TetherError):
     def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.stack_trace = ""
+        """Where the error was raised, when it was rebuilt from a stored failure."""
         if cause is not None:
             self.__cause__ = cause
 

@@ -159,8 +159,7 @@ def start_activity(
         )
     if hints is not None and len(args) > len(hints):
         raise InvalidArgumentError(
-            f"activity {activity_type!r} takes {len(hints)} positional arguments, "
-            f"{len(args)} given"
+            f"activity {activity_type!r} takes {len(hints)} positional arguments, {len(args)} given"
         )
     options = {
         "start_to_close": start_to_close,
@@ -213,7 +212,7 @@ class _ReplayQuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
             loop = None
         if isinstance(loop, WorkflowInstance) and loop.replaying:
             return False
-        return self.logger.isEnabledFor(level)
+        return bool(self.logger.isEnabledFor(level))
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         if in_workflow():
@@ -226,4 +225,3 @@ class _ReplayQuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 logger = _ReplayQuietLogger(logging.getLogger("tether.workflow"), {})
 """A logger for workflow code that does not repeat itself during replay."""
-

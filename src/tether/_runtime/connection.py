@@ -25,6 +25,4 @@ def open_store(url: str) -> Store:
         raise InvalidArgumentError(
             "the PostgreSQL store is not available in this version; use sqlite:///file.db"
         )
-    raise InvalidArgumentError(
-        f"unsupported store URL {url!r}: expected sqlite:///path/to/file.db"
-    )
+    raise InvalidArgumentError(f"unsupported store URL {url!r}: expected sqlite:///path/to/file.db")

@@ -68,7 +68,7 @@ def make_activity_definition(fn: Callable[..., Any], name: str | None) -> Activi
         raise InvalidArgumentError(f"@activity.defn needs a function, got {fn!r}")
     arg_hints, return_hint = signature_hints(fn)
     return ActivityDefinition(
-        name=name or getattr(fn, "__name__", repr(fn)),
+        name=name or str(getattr(fn, "__name__", repr(fn))),
         fn=fn,
         is_async=inspect.iscoroutinefunction(fn),
         arg_hints=arg_hints,

@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from tether._runtime.activity_context import ActivityCancelled, ActivityContext, ActivityInfo
@@ -130,7 +130,7 @@ class Engine:
         # A restart with the same identity takes back its own work at once instead
         # of waiting for its old leases to lapse.
         await self.store.release_leases(self.identity, now)
-        loops: list[Callable[[], Awaitable[None]]] = [self._timer_loop, self._lease_loop]
+        loops: list[Callable[[], Coroutine[Any, Any, None]]] = [self._timer_loop, self._lease_loop]
         if self.workflows:
             loops.append(self._workflow_loop)
         if self.activities:
@@ -295,7 +295,7 @@ class Engine:
                 f"{sorted(self.workflows) or 'none'})",
                 LookupError(task.workflow_type),
             )
-        return WorkflowInstance(defn, info, self.converter)
+        return WorkflowInstance(defn, info, self.converter)  # type: ignore[abstract]
 
     async def _fail_workflow_task(self, task: WorkflowTask, error: WorkflowTaskFailure) -> None:
         delay = min(0.5 * 2 ** (task.attempt - 1), 10.0)
@@ -320,7 +320,9 @@ class Engine:
     def _completion(
         self, task: WorkflowTask, inst: WorkflowInstance, commands: list[Command], now: float
     ) -> tuple[WorkflowTaskCompletion, int]:
-        completion = WorkflowTaskCompletion(task=task, events=commands, inputs_through=inst.last_seq)
+        completion = WorkflowTaskCompletion(
+            task=task, events=commands, inputs_through=inst.last_seq
+        )
         for event_type, data in commands:
             if event_type == ACTIVITY_SCHEDULED:
                 completion.activities.append(

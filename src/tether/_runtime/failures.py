@@ -92,7 +92,7 @@ def from_failure(failure: dict[str, Any]) -> FailureError:
             non_retryable=failure.get("non_retryable", False),
             next_retry_delay=failure.get("next_retry_delay"),
         )
-    error.stack_trace = failure.get("stack_trace", "")  # type: ignore[attr-defined]
+    error.stack_trace = failure.get("stack_trace", "")
     if "cause" in failure:
         error.__cause__ = from_failure(failure["cause"])
     return error

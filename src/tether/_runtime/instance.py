@@ -106,7 +106,7 @@ class _DurableTimer(asyncio.TimerHandle):
 
     def cancel(self) -> None:
         if not self.cancelled():
-            loop = self._loop
+            loop = self._loop  # type: ignore[attr-defined]
             assert isinstance(loop, WorkflowInstance)
             loop._cancel_timer(self)
         super().cancel()
@@ -359,9 +359,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         return fut
 
     def _cancel_timer(self, timer: _DurableTimer) -> None:
-        if timer.seq is not None and self._timers.pop(timer.seq, None) is not None:
-            if not self._evicted and not self.closed:
-                self._command(TIMER_CANCELLED, {"seq": timer.seq})
+        pending = timer.seq is not None and self._timers.pop(timer.seq, None) is not None
+        if pending and not self._evicted and not self.closed:
+            self._command(TIMER_CANCELLED, {"seq": timer.seq})
 
     def now(self) -> float:
         return self._now
@@ -376,7 +376,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def time(self) -> float:
         return self._now
 
-    def call_soon(
+    def call_soon(  # type: ignore[override]
         self,
         callback: Callable[..., Any],
         *args: Any,
@@ -386,7 +386,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._ready.append(handle)
         return handle
 
-    def call_soon_threadsafe(
+    def call_soon_threadsafe(  # type: ignore[override]
         self,
         callback: Callable[..., Any],
         *args: Any,
@@ -394,7 +394,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     ) -> asyncio.Handle:
         raise RuntimeError("workflow code must not use threads; use activities instead")
 
-    def call_later(
+    def call_later(  # type: ignore[override]
         self,
         delay: float,
         callback: Callable[..., Any],
@@ -406,14 +406,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             self._ready.append(timer)
             return timer
         seq = self.next_seq()
-        self._command(
-            TIMER_STARTED, {"seq": seq, "duration": delay, "fire_at": self._now + delay}
-        )
+        self._command(TIMER_STARTED, {"seq": seq, "duration": delay, "fire_at": self._now + delay})
         timer = _DurableTimer(self._now + delay, callback, args, self, context, seq)
         self._timers[seq] = timer
         return timer
 
-    def call_at(
+    def call_at(  # type: ignore[override]
         self,
         when: float,
         callback: Callable[..., Any],
@@ -464,7 +462,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
         pass
 
-    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:
+    def run_in_executor(self, executor: Any, func: Any, *args: Any) -> Any:  # type: ignore[override]
         raise RuntimeError(
             "workflow code cannot run functions in threads (not deterministic); "
             "call an activity with workflow.execute_activity instead"
@@ -501,8 +499,6 @@ def _cancelled_failure() -> dict[str, Any]:
 
 __all__ = [
     "BUG_EXCEPTION_TYPES",
-    "ACTIVITY_CANCEL_REQUESTED",
-    "TIMER_CANCELLED",
     "Command",
     "WorkflowInfo",
     "WorkflowInstance",

@@ -619,7 +619,9 @@ class SqliteStore(Store):
                 for table in ("workflow_tasks", "activity_tasks", "timers"):
                     conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (task.run_id,))
             else:
-                conn.execute("UPDATE runs SET next_seq = ? WHERE run_id = ?", (next_seq, task.run_id))
+                conn.execute(
+                    "UPDATE runs SET next_seq = ? WHERE run_id = ?", (next_seq, task.run_id)
+                )
                 more_work = inbound_seq > c.inputs_through
                 if more_work:
                     conn.execute(
@@ -869,4 +871,3 @@ class SqliteStore(Store):
             return {t for (types,) in rows for t in json.loads(types)}
 
         return await self._call(op, writes=False)
-
