@@ -47,9 +47,7 @@ async def env(tmp_path: Any) -> AsyncIterator[WorkflowEnvironment]:
 
 @pytest.fixture
 async def skipping_env(tmp_path: Any) -> AsyncIterator[WorkflowEnvironment]:
-    environment = await WorkflowEnvironment.start_time_skipping(
-        os.path.join(tmp_path, "tether.db")
-    )
+    environment = await WorkflowEnvironment.start_time_skipping(os.path.join(tmp_path, "tether.db"))
     yield environment
     await environment.shutdown()
 

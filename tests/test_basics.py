@@ -47,7 +47,9 @@ class Checkout:
         return Receipt(order_id=order.order_id, charged=charged, steps=[text])
 
 
-async def test_typed_round_trip(env: WorkflowEnvironment, make_worker: Callable[..., Worker]) -> None:
+async def test_typed_round_trip(
+    env: WorkflowEnvironment, make_worker: Callable[..., Worker]
+) -> None:
     async with make_worker(env.client, workflows=[Checkout], activities=[charge, describe_sync]):
         receipt = await env.client.execute_workflow(
             Checkout.run, Order("o-1", 1250), id="o-1", task_queue="test"

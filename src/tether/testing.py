@@ -20,12 +20,15 @@ from typing import Any
 from tether._runtime.activity_context import ActivityContext, ActivityInfo
 from tether._runtime.activity_context import current as current_activity
 from tether._runtime.clock import Clock, SkippingClock
+from tether._runtime.definitions import workflow_definition
+from tether._runtime.instance import WorkflowInfo, WorkflowInstance, WorkflowTaskFailure
+from tether._store.base import Event
 from tether._store.sqlite import SqliteStore
-from tether.client import Client
+from tether.client import Client, HistoryEvent
 from tether.common import Duration, to_seconds
 from tether.converter import PayloadConverter
 
-__all__ = ["ActivityEnvironment", "WorkflowEnvironment"]
+__all__ = ["ActivityEnvironment", "WorkflowEnvironment", "replay"]
 
 
 class WorkflowEnvironment:
@@ -153,3 +156,32 @@ class ActivityEnvironment:
         if asyncio.iscoroutinefunction(fn):
             return await asyncio.get_running_loop().create_task(fn(*args), context=context)
         return await asyncio.get_running_loop().run_in_executor(None, context.run, fn, *args)
+
+
+def replay(workflow: type, history: list[HistoryEvent]) -> None:
+    """Replay a run's recorded history against ``workflow``'s current code.
+
+    Raises ``NondeterminismError`` (or the workflow's own bug) where the code no
+    longer produces the recorded commands; returns quietly if it replays cleanly.
+    """
+    defn = workflow_definition(workflow)
+    if not history or history[0].type != "WorkflowStarted":
+        raise ValueError("a history starts with its WorkflowStarted event")
+    started = history[0].data
+    info = WorkflowInfo(
+        namespace=started.get("namespace", "default"),
+        workflow_id=started["workflow_id"],
+        run_id="replay",
+        workflow_type=started["workflow_type"],
+        task_queue=started["task_queue"],
+        start_time=history[0].time.timestamp(),
+    )
+    instance = WorkflowInstance(defn, info, PayloadConverter())  # type: ignore[abstract]
+    events = [Event(e.seq, e.type, e.time.timestamp(), e.data) for e in history]
+    try:
+        # Only completed workflow tasks are checked; trailing inbound events are new work.
+        instance.apply(events, events[-1].time, activate_new=False)
+    except WorkflowTaskFailure as e:
+        raise (e.__cause__ or e) from None
+    finally:
+        instance.evict()

@@ -147,7 +147,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._committed = (first_seq, last_seq)
 
     # -- driving the instance ---------------------------------------------------
-    def apply(self, events: list[Event], now: float) -> list[Command]:
+    def apply(self, events: list[Event], now: float, *, activate_new: bool = True) -> list[Command]:
         """Apply history events after ``last_seq``; return the commands of the new activation.
 
         Raises ``WorkflowTaskFailure`` for a bug or a nondeterminism; the instance is then
@@ -173,7 +173,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 "history ends with commands that no workflow task completed",
                 NondeterminismError("history has an unterminated block of commands"),
             )
-        if not self._undelivered or self.closed:
+        if not self._undelivered or self.closed or not activate_new:
             return []
         inbound, self._undelivered = self._undelivered, []
         self.replaying = False

@@ -1,0 +1,102 @@
+"""The workflow cache under pressure, and durable timers in the time-skipping environment."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+from tether import Worker, activity, workflow
+from tether.testing import WorkflowEnvironment
+
+
+@activity.defn
+async def increment(x: int) -> int:
+    await asyncio.sleep(0.001)
+    return x + 1
+
+
+@workflow.defn
+class Counter:
+    @workflow.run
+    async def run(self, start: int) -> int:
+        value = start
+        for _ in range(4):
+            value = await workflow.execute_activity(increment, value, start_to_close_timeout=5)
+            await asyncio.sleep(0.01)
+        return value
+
+
+async def test_tiny_cache_with_many_concurrent_workflows(env: WorkflowEnvironment) -> None:
+    async with Worker(
+        env.client,
+        task_queue="test",
+        workflows=[Counter],
+        activities=[increment],
+        max_cached_workflows=1,
+    ) as worker:
+        handles = [
+            await env.client.start_workflow(Counter, i, id=f"c{i}", task_queue="test")
+            for i in range(60)
+        ]
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+        stats = worker.stats
+    assert results == [i + 4 for i in range(60)]
+    # Runs were evicted and rebuilt by replay many times over.
+    assert stats["evictions"] > 100
+    assert stats["replays"] > 200
+
+
+@workflow.defn
+class LongSleep:
+    @workflow.run
+    async def run(self) -> float:
+        started = workflow.time()
+        await workflow.sleep(timedelta(days=30))
+        return workflow.time() - started
+
+
+async def test_thirty_day_sleep_passes_in_under_a_second(
+    skipping_env: WorkflowEnvironment,
+) -> None:
+    client = skipping_env.client
+    async with Worker(client, task_queue="test", workflows=[LongSleep]):
+        began = time.monotonic()
+        slept = await client.execute_workflow(LongSleep, id="sleepy", task_queue="test")
+        elapsed = time.monotonic() - began
+    assert slept >= 30 * 86400
+    assert elapsed < 1.0, f"30-day sleep took {elapsed:.2f}s of wall time"
+
+
+@workflow.defn
+class TimeoutRace:
+    @workflow.run
+    async def run(self) -> str:
+        try:
+            await asyncio.wait_for(asyncio.sleep(timedelta(days=2).total_seconds()), 3600)
+        except TimeoutError:
+            return "timed out after an hour"
+        return "slept"
+
+
+async def test_wait_for_timeout_is_a_durable_timer(skipping_env: WorkflowEnvironment) -> None:
+    client = skipping_env.client
+    async with Worker(client, task_queue="test", workflows=[TimeoutRace]):
+        handle = await client.start_workflow(TimeoutRace, id="race", task_queue="test")
+        assert await handle.result(timeout=10) == "timed out after an hour"
+    types = [e.type for e in await handle.history()]
+    assert types.count("TimerStarted") == 2
+    assert "TimerCancelled" in types  # the 2-day sleep was cancelled, durably
+
+
+async def test_env_sleep_moves_time_without_a_result_waiter(
+    skipping_env: WorkflowEnvironment,
+) -> None:
+    client = skipping_env.client
+    async with Worker(client, task_queue="test", workflows=[LongSleep]):
+        handle = await client.start_workflow(LongSleep, id="observed", task_queue="test")
+        await asyncio.sleep(0.2)
+        # Nobody waits on the result, so time does not skip: still asleep.
+        assert (await handle.describe()).status == "running"
+        await skipping_env.sleep(timedelta(days=31))
+        assert await handle.result(timeout=10) >= 30 * 86400

@@ -1,0 +1,284 @@
+"""The store contract, run against every backend (the ``store`` fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from tether._store.base import (
+    ACTIVITY_COMPLETED,
+    ACTIVITY_SCHEDULED,
+    TIMER_FIRED,
+    TIMER_STARTED,
+    WORKFLOW_COMPLETED,
+    WORKFLOW_TASK_COMPLETED,
+    NewActivity,
+    NewRun,
+    RunClose,
+    Store,
+    WorkflowTask,
+    WorkflowTaskCompletion,
+)
+from tether.exceptions import (
+    StaleTaskError,
+    StoreError,
+    WorkflowAlreadyStartedError,
+    WorkflowNotFoundError,
+)
+
+NOW = 1_000_000.0
+LEASE = 10.0
+
+
+def new_run(workflow_id: str = "wf", run_id: str = "run-1", request_id: str = "req-1") -> NewRun:
+    return NewRun(
+        namespace="default",
+        workflow_id=workflow_id,
+        run_id=run_id,
+        workflow_type="Flow",
+        task_queue="q",
+        args=[1, {"a": "b"}],
+        request_id=request_id,
+        seed=42,
+        now=NOW,
+    )
+
+
+async def claim_one(store: Store, now: float = NOW, owner: str = "w1") -> WorkflowTask:
+    tasks = await store.claim_workflow_tasks("q", owner, 10, now + LEASE, now)
+    assert len(tasks) == 1
+    return tasks[0]
+
+
+def schedule(task: WorkflowTask, seq: int = 1, eager: int = 0) -> WorkflowTaskCompletion:
+    return WorkflowTaskCompletion(
+        task=task,
+        events=[(ACTIVITY_SCHEDULED, {"seq": seq, "activity_type": "act"})],
+        inputs_through=task.history_length,
+        activities=[NewActivity(seq, "act", "q", ["x"], {"retry_policy": {}})],
+        eager_activity_limit=eager,
+        activity_lease_until=NOW + LEASE,
+    )
+
+
+async def test_start_run_records_started_event_and_task(store: Store) -> None:
+    outcome = await store.start_run(new_run())
+    assert outcome.created and outcome.run_id == "run-1"
+    history = await store.read_history("run-1")
+    assert [(e.seq, e.type) for e in history] == [(1, "WorkflowStarted")]
+    assert history[0].data["args"] == [1, {"a": "b"}]
+    run = await store.get_run("default", "wf", None)
+    assert (run.status, run.history_length, run.workflow_type) == ("running", 1, "Flow")
+    task = await claim_one(store)
+    assert (task.run_id, task.attempt, task.task_version, task.history_length) == (
+        "run-1",
+        1,
+        0,
+        1,
+    )
+
+
+async def test_duplicate_id_rejected_unless_same_request(store: Store) -> None:
+    await store.start_run(new_run())
+    with pytest.raises(WorkflowAlreadyStartedError, match="'wf' is already running"):
+        await store.start_run(new_run(run_id="run-2", request_id="req-2"))
+    again = await store.start_run(new_run(run_id="run-3", request_id="req-1"))
+    assert (again.run_id, again.created) == ("run-1", False)
+    assert len(await store.list_runs("default")) == 1
+
+
+async def test_closed_id_can_be_reused(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    await store.complete_workflow_task(
+        WorkflowTaskCompletion(
+            task=task,
+            events=[(WORKFLOW_COMPLETED, {"result": 7})],
+            inputs_through=1,
+            close=RunClose(status="completed", result=7),
+        ),
+        "w1",
+        NOW,
+    )
+    second = await store.start_run(new_run(run_id="run-2", request_id="req-2"))
+    assert second.created
+    latest = await store.get_run("default", "wf", None)
+    first = await store.get_run("default", "wf", "run-1")
+    assert latest.run_id == "run-2" and first.status == "completed" and first.result == 7
+
+
+async def test_unknown_run(store: Store) -> None:
+    with pytest.raises(WorkflowNotFoundError, match="nope"):
+        await store.get_run("default", "nope", None)
+
+
+async def test_claim_leases_and_lapsed_lease_is_reclaimed(store: Store) -> None:
+    await store.start_run(new_run())
+    first = await claim_one(store)
+    assert await store.claim_workflow_tasks("q", "w2", 10, NOW + LEASE, NOW + 1) == []
+    # The lease lapses (the worker died): another worker gets the task with a new token.
+    second = await claim_one(store, now=NOW + LEASE + 1, owner="w2")
+    assert second.token != first.token and second.attempt == 2
+    with pytest.raises(StaleTaskError):
+        await store.complete_workflow_task(schedule(first), "w1", NOW)
+    result = await store.complete_workflow_task(schedule(second), "w2", NOW + LEASE + 1)
+    assert result.task_version == 1
+
+
+async def test_racing_completions_only_one_commits(store: Store) -> None:
+    """Two workers holding the same task version: the second commit is refused."""
+    await store.start_run(new_run())
+    first = await claim_one(store)
+    second = await claim_one(store, now=NOW + LEASE + 1, owner="w2")
+    results = await asyncio.gather(
+        store.complete_workflow_task(schedule(first), "w1", NOW),
+        store.complete_workflow_task(schedule(second), "w2", NOW),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, StaleTaskError) for r in results) == 1
+    history = await store.read_history("run-1")
+    assert [e.type for e in history].count(WORKFLOW_TASK_COMPLETED) == 1
+    # Even with a valid lease, a task whose version is behind the run's is refused.
+    await store.start_run(new_run("wf2", "run-2", "req-2"))
+    fresh = await claim_one(store)
+    stale = dataclasses.replace(fresh, task_version=fresh.task_version + 5)
+    with pytest.raises(StaleTaskError, match="advanced past task version"):
+        await store.complete_workflow_task(schedule(stale), "w1", NOW)
+
+
+async def test_completion_is_atomic(store: Store) -> None:
+    """A completion that fails part-way leaves history and tasks untouched."""
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    bad = schedule(task)
+    bad.activities.append(bad.activities[0])  # duplicate key: the insert fails mid-way
+    with pytest.raises(StoreError):
+        await store.complete_workflow_task(bad, "w1", NOW)
+    assert [e.type for e in await store.read_history("run-1")] == ["WorkflowStarted"]
+    assert await store.claim_activity_tasks("q", "w1", 10, NOW + LEASE, NOW) == []
+    # The task is still leased to w1 and can be completed properly.
+    await store.complete_workflow_task(schedule(task), "w1", NOW)
+    assert len(await store.claim_activity_tasks("q", "w1", 10, NOW + LEASE, NOW)) == 1
+
+
+async def test_group_commit_isolates_failures(store: Store) -> None:
+    """Operations batched into one transaction do not undo each other."""
+    starts = [store.start_run(new_run(f"wf{i}", f"run-{i}", f"r{i}")) for i in range(20)]
+    starts.append(store.start_run(new_run("wf3", "run-x", "other")))  # duplicate id
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    assert sum(isinstance(r, WorkflowAlreadyStartedError) for r in results) == 1
+    assert len(await store.list_runs("default")) == 20
+
+
+async def test_activity_lifecycle_and_eager_dispatch(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    result = await store.complete_workflow_task(schedule(task, eager=1), "w1", NOW)
+    assert [a.seq for a in result.eager_activities] == [1]
+    activity = result.eager_activities[0]
+    assert activity.attempt == 1 and activity.args == ["x"]
+    # Eagerly leased: nobody else can claim it.
+    assert await store.claim_activity_tasks("q", "w2", 10, NOW + LEASE, NOW) == []
+    assert await store.heartbeat_activity(activity, {"progress": 3}, NOW + 2 * LEASE) is False
+    await store.retry_activity(activity, {"message": "boom"}, NOW + 5, {"progress": 3})
+    assert await store.claim_activity_tasks("q", "w2", 10, NOW + LEASE, NOW + 1) == []
+    (retry,) = await store.claim_activity_tasks("q", "w2", 10, NOW + 5 + LEASE, NOW + 5)
+    assert retry.attempt == 2 and retry.heartbeat_details == {"progress": 3}
+    with pytest.raises(StaleTaskError):
+        await store.finish_activity(activity, ACTIVITY_COMPLETED, {"seq": 1}, NOW + 6)
+    await store.finish_activity(retry, ACTIVITY_COMPLETED, {"seq": 1, "result": "ok"}, NOW + 6)
+    history = await store.read_history("run-1", after_seq=3)
+    assert [(e.seq, e.type, e.data) for e in history] == [
+        (4, ACTIVITY_COMPLETED, {"seq": 1, "result": "ok"})
+    ]
+    # The completion woke the workflow: a workflow task is ready.
+    assert (await claim_one(store, now=NOW + 6)).history_length == 4
+
+
+async def test_expired_activity_leases_are_reported(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    await store.complete_workflow_task(schedule(task), "w1", NOW)
+    (activity,) = await store.claim_activity_tasks("q", "w1", 10, NOW + LEASE, NOW)
+    assert await store.expired_activity_tasks(NOW + 1, 10) == []
+    await store.renew_leases("w1", NOW + 3 * LEASE, NOW + 1)
+    assert await store.expired_activity_tasks(NOW + 2 * LEASE, 10) == []
+    (expired,) = await store.expired_activity_tasks(NOW + 3 * LEASE + 1, 10)
+    assert (expired.owner, expired.token, expired.seq) == ("w1", activity.token, 1)
+
+
+async def test_release_leases_makes_work_ready_at_once(store: Store) -> None:
+    await store.start_run(new_run())
+    await claim_one(store)
+    await store.release_leases("w1", NOW + 1)
+    assert (await claim_one(store, now=NOW + 1, owner="w1-restarted")).attempt == 2
+
+
+async def test_inbound_event_during_task_keeps_task_queued(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    timer = WorkflowTaskCompletion(
+        task=task,
+        events=[(TIMER_STARTED, {"seq": 1, "fire_at": NOW + 5})],
+        inputs_through=1,
+        timers=[(1, NOW + 5)],
+    )
+    await store.complete_workflow_task(timer, "w1", NOW)
+    assert await store.next_due_time() == NOW + 5
+    assert await store.fire_due_timers(NOW + 4, 10) == 0
+    assert await store.claim_workflow_tasks("q", "w1", 10, NOW + LEASE, NOW + 4) == []
+    assert await store.fire_due_timers(NOW + 5, 10) == 1
+    task = await claim_one(store, now=NOW + 5)
+    # A second timer fires while that task runs: the task must stay queued.
+    late = WorkflowTaskCompletion(
+        task=task,
+        events=[(TIMER_STARTED, {"seq": 2, "fire_at": NOW + 6})],
+        inputs_through=task.history_length,
+        timers=[(2, NOW + 6)],
+    )
+    await store.complete_workflow_task(late, "w1", NOW + 5)
+    assert await store.fire_due_timers(NOW + 6, 10) == 1
+    task = await claim_one(store, now=NOW + 6)
+    events = await store.read_history("run-1", after_seq=task.history_length - 1)
+    assert events[-1].type == TIMER_FIRED
+    racing = WorkflowTaskCompletion(task=task, events=[], inputs_through=task.history_length - 1)
+    result = await store.complete_workflow_task(racing, "w1", NOW + 6)
+    assert result.more_work
+    assert (await claim_one(store, now=NOW + 6)).task_version == result.task_version
+
+
+async def test_closing_a_run_removes_its_pending_work(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    await store.complete_workflow_task(schedule(task), "w1", NOW)
+    await store.fire_due_timers(NOW, 10)
+    # Close the run with a workflow task (an inbound event queued one).
+    await store.start_run(new_run("other", "run-2", "r2"))
+    closing = WorkflowTaskCompletion(
+        task=(await store.claim_workflow_tasks("q", "w1", 10, NOW + LEASE, NOW))[0],
+        events=[(WORKFLOW_COMPLETED, {"result": None})],
+        inputs_through=1,
+        close=RunClose(status="completed"),
+    )
+    await store.complete_workflow_task(closing, "w1", NOW)
+    remaining = {r.run_id: r.status for r in await store.list_runs("default")}
+    assert remaining == {"run-1": "running", "run-2": "completed"}
+    assert await store.list_runs("default", status="completed") == [
+        await store.get_run("default", "other", None)
+    ]
+
+
+async def test_change_waiter_fires_on_commit(store: Store) -> None:
+    waiter = store.change_waiter()
+    await store.start_run(new_run())
+    await asyncio.wait_for(waiter, 1.0)
+
+
+async def test_worker_registry(store: Store) -> None:
+    assert await store.workflow_types_served("q", NOW - 10) is None
+    await store.register_worker("q", "w1", ["A", "B"], ["act"], NOW)
+    await store.register_worker("q", "w2", ["C"], [], NOW)
+    assert await store.workflow_types_served("q", NOW - 10) == {"A", "B", "C"}
+    assert await store.workflow_types_served("q", NOW + 1) is None
