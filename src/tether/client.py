@@ -14,10 +14,11 @@ from tether._runtime.clock import Clock
 from tether._runtime.connection import open_store
 from tether._runtime.definitions import workflow_definition
 from tether._runtime.failures import from_failure
-from tether._store.base import COMPLETED, FAILED, STATUSES, NewRun, RunInfo, Store
+from tether._store.base import COMPLETED, RUNNING, STATUSES, NewRun, RunInfo, Store
 from tether.converter import DEFAULT_MAX_PAYLOAD_BYTES, PayloadConverter
 from tether.exceptions import (
     InvalidArgumentError,
+    StoreError,
     UnknownWorkflowTypeError,
     WorkflowFailureError,
 )
@@ -90,6 +91,7 @@ class Client:
         clock: Clock | None = None,
     ) -> None:
         self._store = store
+        self._closed_watcher = _ClosedRunWatcher(store)
         self.namespace = namespace
         self.converter = converter or PayloadConverter()
         self.clock = clock or Clock()
@@ -243,30 +245,64 @@ class WorkflowHandle:
 
         Raises ``TimeoutError`` if ``timeout`` seconds pass first.
         """
-        store = self.client.store
         clock = self.client.clock
         clock.begin_result_wait()
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    waiter = store.change_waiter()
-                    run = await self._run()
-                    if run.status == COMPLETED:
-                        return self.client.converter.decode(
-                            run.result, self._result_type, "workflow result"
-                        )
-                    if run.status == FAILED:
-                        cause = from_failure(run.failure) if run.failure else None
-                        raise WorkflowFailureError(
-                            f"workflow {run.workflow_type} {self.id!r} (run {run.run_id}) "
-                            f"failed: {cause}",
-                            workflow_id=self.id,
-                            run_id=run.run_id,
-                            cause=cause,
-                        )
-                    try:
-                        await asyncio.wait_for(waiter, 1.0)
-                    except TimeoutError:
-                        pass
+                run = await self._run()
+                if run.status == RUNNING:
+                    await self.client._closed_watcher.wait(run.run_id)
+                    run = await self.client.store.get_run(
+                        self.client.namespace, self.id, run.run_id
+                    )
         finally:
             clock.end_result_wait()
+        if run.status == COMPLETED:
+            return self.client.converter.decode(run.result, self._result_type, "workflow result")
+        cause = from_failure(run.failure) if run.failure else None
+        raise WorkflowFailureError(
+            f"workflow {run.workflow_type} {self.id!r} (run {run.run_id}) failed: {cause}",
+            workflow_id=self.id,
+            run_id=run.run_id,
+            cause=cause,
+        )
+
+
+class _ClosedRunWatcher:
+    """Waits for many runs to close with one store query per change, not one per waiter."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._poller: asyncio.Task[None] | None = None
+
+    async def wait(self, run_id: str) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(run_id, []).append(fut)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            await fut
+        finally:
+            futs = self._waiting.get(run_id)
+            if futs is not None and fut in futs:
+                futs.remove(fut)
+                if not futs:
+                    del self._waiting[run_id]
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            change = self._store.change_waiter()
+            try:
+                closed = await self._store.closed_runs(list(self._waiting))
+            except StoreError:
+                closed = []
+            for run_id in closed:
+                for fut in self._waiting.pop(run_id, []):
+                    if not fut.done():
+                        fut.set_result(None)
+            if self._waiting:
+                try:
+                    await asyncio.wait_for(change, 1.0)
+                except TimeoutError:
+                    pass

@@ -251,15 +251,18 @@ class Engine:
                 events = await self.store.read_history(task.run_id, inst.last_seq)
             now = self.clock.now()
             commands = inst.apply(events, now)
-        except WorkflowTaskFailure as e:
+        except StoreError as e:
             if inst is not None:
                 inst.evict()
+            logger.warning("workflow task of run %s not processed: %s", task.run_id, e)
+            return  # its lease lapses and the task is picked up again
+        except Exception as e:
+            if inst is not None:
+                inst.evict()
+            if not isinstance(e, WorkflowTaskFailure):
+                e = WorkflowTaskFailure(f"workflow task failed: {type(e).__name__}: {e}", e)
             await self._fail_workflow_task(task, e)
             return
-        except Exception:
-            if inst is not None:
-                inst.evict()
-            raise
         completion, reserved = self._completion(task, inst, commands, now)
         try:
             result = await self.store.complete_workflow_task(completion, self.identity, now)

@@ -197,6 +197,10 @@ class Store(abc.ABC):
         """Runs, newest first."""
 
     @abc.abstractmethod
+    async def closed_runs(self, run_ids: list[str]) -> list[str]:
+        """Which of ``run_ids`` are no longer running (one query for many result waiters)."""
+
+    @abc.abstractmethod
     async def read_history(self, run_id: str, after_seq: int = 0) -> list[Event]:
         """Events of the run with ``seq > after_seq``, in order."""
 

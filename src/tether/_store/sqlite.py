@@ -13,6 +13,7 @@ this process's waiters, so cross-process dispatch does not wait for a poll.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import queue
@@ -149,39 +150,87 @@ class _Op:
         self.writes = writes
 
 
-def _resolve(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.done():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
+def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+def _deliver(results: list[tuple[_Op, bool, Any]]) -> None:
+    """Hand results back with one wake-up per event loop, not one per operation."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for op, ok, value in results:
+        if not ok and isinstance(value, sqlite3.Error):
+            value = StoreError(f"SQLite error: {value}", retryable=True)
+        by_loop.setdefault(op.loop, []).append((op.fut, ok, value))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, items)
+        except RuntimeError:
+            pass  # the caller's loop has closed; nobody is waiting
 
 
 class SqliteStore(Store):
-    """A store in one SQLite file, shared safely by any number of local processes."""
+    """A store in one SQLite file, shared safely by any number of local processes.
+
+    Two threads own one connection each: the writer commits in groups, the reader
+    serves reads from WAL snapshots without waiting behind the writer's fsync.
+    """
 
     def __init__(self, path: str, *, poll_interval: float = 0.01) -> None:
         self.path = path
         self._poll_interval = poll_interval
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._writes: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        in_memory = path == ":memory:"
+        self._reads = self._writes if in_memory else queue.SimpleQueue()
         self._waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         self._waiters_lock = threading.Lock()
         self._closed = False
-        self._ready = threading.Event()
-        self._open_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"tether-sqlite:{path}", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._open_error is not None:
-            raise StoreError(
-                f"cannot open SQLite store {path!r}: {self._open_error}", retryable=False
-            )
+        self._token_prefix = secrets.token_hex(6)
+        self._token_counter = itertools.count()
+        self._threads: list[threading.Thread] = []
+        self._open_thread(self._run_writer, "writer")
+        if not in_memory:
+            self._open_thread(self._run_reader, "reader")
 
-    # -- the writer thread ------------------------------------------------------
+    def _open_thread(self, target: Callable[[sqlite3.Connection], None], role: str) -> None:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def main() -> None:
+            try:
+                conn = self._connect()
+            except BaseException as e:
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            try:
+                target(conn)
+            finally:
+                conn.close()
+
+        thread = threading.Thread(target=main, name=f"tether-sqlite-{role}", daemon=True)
+        thread.start()
+        ready.wait()
+        if failure:
+            self._shutdown_threads()
+            raise StoreError(
+                f"cannot open SQLite store {self.path!r}: {failure[0]}", retryable=False
+            )
+        self._threads.append(thread)
+
+    def _token(self) -> str:
+        """A lease token unique across processes (random prefix) without a syscall each."""
+        return f"{self._token_prefix}{next(self._token_counter):x}"
+
     def _connect(self) -> sqlite3.Connection:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        if self.path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
@@ -197,47 +246,58 @@ class SqliteStore(Store):
         conn.execute("COMMIT")
         return conn
 
-    def _run(self) -> None:
-        try:
-            conn = self._connect()
-        except BaseException as e:
-            self._open_error = e
-            self._ready.set()
-            return
-        self._ready.set()
-        data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-        try:
-            while True:
+    # -- the threads -------------------------------------------------------------
+    @staticmethod
+    def _drain(q: queue.SimpleQueue[_Op | None], first: _Op) -> tuple[list[_Op], bool]:
+        batch = [first]
+        while len(batch) < _MAX_BATCH:
+            try:
+                op = q.get_nowait()
+            except queue.Empty:
+                break
+            if op is None:
+                return batch, True
+            batch.append(op)
+        return batch, False
+
+    def _run_reader(self, conn: sqlite3.Connection) -> None:
+        while True:
+            first = self._reads.get()
+            if first is None:
+                return
+            batch, stop = self._drain(self._reads, first)
+            results: list[tuple[_Op, bool, Any]] = []
+            for op in batch:
                 try:
-                    first = self._queue.get(timeout=self._poll_interval)
-                except queue.Empty:
-                    version = conn.execute("PRAGMA data_version").fetchone()[0]
-                    if version != data_version:
-                        data_version = version
-                        self._notify()
-                    continue
-                if first is None:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        op = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if op is None:
-                        stop = True
-                        break
-                    batch.append(op)
-                changed = self._run_batch(conn, batch)
+                    results.append((op, True, op.fn(conn)))
+                except BaseException as e:
+                    results.append((op, False, e))
+            _deliver(results)
+            if stop:
+                return
+
+    def _run_writer(self, conn: sqlite3.Connection) -> None:
+        data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+        while True:
+            try:
+                first = self._writes.get(timeout=self._poll_interval)
+            except queue.Empty:
+                # Another process committed? Wake our waiters without polling the tables.
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
-                if changed or version != data_version:
+                if version != data_version:
                     data_version = version
                     self._notify()
-                if stop:
-                    return
-        finally:
-            conn.close()
+                continue
+            if first is None:
+                return
+            batch, stop = self._drain(self._writes, first)
+            changed = self._run_batch(conn, batch)
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if changed or version != data_version:
+                data_version = version
+                self._notify()
+            if stop:
+                return
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> bool:
         writes = any(op.writes for op in batch)
@@ -274,31 +334,25 @@ class SqliteStore(Store):
                     pass
             error = StoreError(f"SQLite transaction failed: {e}", retryable=True)
             results = [(op, False, error) for op in batch]
-        for op, ok, value in results:
-            if ok is False and isinstance(value, sqlite3.Error):
-                value = StoreError(f"SQLite error: {value}", retryable=True)
-            try:
-                op.loop.call_soon_threadsafe(_resolve, op.fut, ok, value)
-            except RuntimeError:
-                pass  # the caller's loop has closed; nobody is waiting
+        # Only now, after COMMIT returned (fsync done), are callers told.
+        _deliver(results)
         return conn.total_changes != before
 
     def _notify(self) -> None:
         with self._waiters_lock:
             waiters, self._waiters = self._waiters, {}
         for loop, futs in waiters.items():
-            for fut in futs:
-                try:
-                    loop.call_soon_threadsafe(_resolve, fut, True, None)
-                except RuntimeError:
-                    pass
+            try:
+                loop.call_soon_threadsafe(_resolve_all, [(f, True, None) for f in futs])
+            except RuntimeError:
+                pass
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T], writes: bool = True) -> T:
         if self._closed:
             raise StoreError("the store is closed", retryable=False)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, loop, fut, writes))
+        (self._writes if writes else self._reads).put(_Op(fn, loop, fut, writes))
         return await fut
 
     def change_waiter(self) -> asyncio.Future[None]:
@@ -308,12 +362,19 @@ class SqliteStore(Store):
             self._waiters.setdefault(loop, []).append(fut)
         return fut
 
+    def _shutdown_threads(self) -> None:
+        self._writes.put(None)
+        if self._reads is not self._writes:
+            self._reads.put(None)
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._shutdown_threads()
+        loop = asyncio.get_running_loop()
+        for thread in self._threads:
+            await loop.run_in_executor(None, thread.join)
 
     # -- runs --------------------------------------------------------------------
     async def start_run(self, run: NewRun) -> StartOutcome:
@@ -434,6 +495,24 @@ class SqliteStore(Store):
 
         return await self._call(op, writes=False)
 
+    async def closed_runs(self, run_ids: list[str]) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            closed: list[str] = []
+            for i in range(0, len(run_ids), 500):
+                chunk = run_ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                closed += [
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT run_id FROM runs WHERE run_id IN ({marks}) "
+                        "AND status != 'running'",
+                        chunk,
+                    )
+                ]
+            return closed
+
+        return await self._call(op, writes=False)
+
     async def read_history(self, run_id: str, after_seq: int = 0) -> list[Event]:
         def op(conn: sqlite3.Connection) -> list[Event]:
             rows = conn.execute(
@@ -484,7 +563,7 @@ class SqliteStore(Store):
             ).fetchall()
             tasks = []
             for run_id, wf_id, wf_type, ns, attempt, version, next_seq in rows:
-                token = secrets.token_hex(8)
+                token = self._token()
                 conn.execute(
                     "UPDATE workflow_tasks SET owner = ?, token = ?, visible_at = ?, "
                     "attempt = attempt + 1 WHERE run_id = ?",
@@ -554,7 +633,7 @@ class SqliteStore(Store):
             eager: list[ActivityTask] = []
             for act in c.activities:
                 leased = len(eager) < c.eager_activity_limit
-                token = secrets.token_hex(8) if leased else None
+                token = self._token() if leased else None
                 args_text = _dumps(act.args)
                 options_text = _dumps(act.options)
                 conn.execute(
@@ -697,7 +776,7 @@ class SqliteStore(Store):
                 conn.execute(
                     "UPDATE activity_tasks SET owner = ?, token = ?, visible_at = ?, "
                     "attempt = attempt + 1 WHERE run_id = ? AND seq = ?",
-                    (owner, secrets.token_hex(8), lease_until, run_id, seq),
+                    (owner, self._token(), lease_until, run_id, seq),
                 )
                 row = conn.execute(
                     f"SELECT {self._ACTIVITY_COLUMNS} FROM activity_tasks a JOIN runs r "
