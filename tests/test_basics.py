@@ -119,3 +119,24 @@ async def test_deterministic_values_survive_replay(
     assert len(set(first["values"])) == 4
     history = await handle.history()
     assert [e.type for e in history][-2:] == ["WorkflowCompleted", "WorkflowTaskCompleted"]
+
+
+@workflow.defn
+class Chatty:
+    @workflow.run
+    async def run(self) -> None:
+        for i in range(3):
+            workflow.logger.info("step %d", i)
+            await asyncio.sleep(0.01)
+
+
+async def test_workflow_logger_is_quiet_during_replay(
+    env: WorkflowEnvironment, make_worker: Callable[..., Worker], caplog: Any
+) -> None:
+    caplog.set_level("INFO", logger="tether.workflow")
+    async with make_worker(env.client, workflows=[Chatty]):
+        await env.client.execute_workflow(Chatty, id="chatty", task_queue="test")
+    messages = [r.getMessage() for r in caplog.records if r.name == "tether.workflow"]
+    # Each line is logged once, even when every task replays the run from the start.
+    assert [m.split(" [")[0] for m in messages] == ["step 0", "step 1", "step 2"]
+    assert all("id=chatty" in m for m in messages)

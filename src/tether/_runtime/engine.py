@@ -58,6 +58,7 @@ from tether.converter import PayloadConverter
 from tether.exceptions import (
     ActivityError,
     ApplicationError,
+    PayloadError,
     StaleTaskError,
     StoreError,
     TimeoutFailure,
@@ -570,6 +571,8 @@ class Engine:
         policy = RetryPolicy.from_dict(task.options["retry_policy"])
         if isinstance(error, ActivityCancelled):
             return "cancelled"
+        if isinstance(error, PayloadError):
+            return "non_retryable"  # the same value fails the same way on every attempt
         if isinstance(error, TimeoutFailure) and error.timeout_type == "schedule_to_close":
             return "timeout"
         if isinstance(error, ApplicationError) and error.non_retryable:

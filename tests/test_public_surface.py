@@ -1,0 +1,94 @@
+"""Pins the public API so that changes to it are deliberate."""
+
+from __future__ import annotations
+
+import tether
+from tether import activity, client, testing, worker, workflow
+
+
+def test_top_level_exports() -> None:
+    assert sorted(tether.__all__) == sorted(
+        [
+            "ActivityError",
+            "ApplicationError",
+            "Client",
+            "FailureError",
+            "HistoryEvent",
+            "InvalidArgumentError",
+            "NondeterminismError",
+            "PayloadConverter",
+            "PayloadError",
+            "RetryPolicy",
+            "StaleTaskError",
+            "StoreError",
+            "TetherError",
+            "TimeoutFailure",
+            "UnknownWorkflowTypeError",
+            "Worker",
+            "WorkflowAlreadyStartedError",
+            "WorkflowDescription",
+            "WorkflowFailureError",
+            "WorkflowHandle",
+            "WorkflowNotFoundError",
+            "__version__",
+            "activity",
+            "workflow",
+        ]
+    )
+    for name in tether.__all__:
+        assert hasattr(tether, name), name
+
+
+def test_module_exports() -> None:
+    assert sorted(workflow.__all__) == [
+        "BUG_EXCEPTION_TYPES",
+        "WorkflowInfo",
+        "defn",
+        "execute_activity",
+        "in_workflow",
+        "info",
+        "logger",
+        "now",
+        "random",
+        "run",
+        "sleep",
+        "start_activity",
+        "time",
+        "uuid4",
+    ]
+    assert sorted(activity.__all__) == [
+        "ActivityCancelled",
+        "ActivityInfo",
+        "defn",
+        "heartbeat",
+        "in_activity",
+        "info",
+    ]
+    assert sorted(client.__all__) == [
+        "Client",
+        "HistoryEvent",
+        "WorkflowDescription",
+        "WorkflowHandle",
+    ]
+    assert worker.__all__ == ["Worker"]
+    assert sorted(testing.__all__) == ["ActivityEnvironment", "WorkflowEnvironment", "replay"]
+
+
+def test_public_modules_do_not_import_the_store_or_worker_engine() -> None:
+    """Layering: public API -> runtime -> store. Workflow and activity code never sees them."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(tether.__file__).parent
+    for name in ("workflow.py", "activity.py", "exceptions.py", "common.py", "converter.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = [
+            node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        ]
+        assert not [
+            m for m in imported if m.startswith(("tether._store", "tether._runtime.engine"))
+        ], name
+    for path in (root / "_store").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if m.startswith("tether._runtime")], path.name
