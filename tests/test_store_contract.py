@@ -203,7 +203,7 @@ async def test_expired_activity_leases_are_reported(store: Store) -> None:
     await store.complete_workflow_task(schedule(task), "w1", NOW)
     (activity,) = await store.claim_activity_tasks("q", "w1", 10, NOW + LEASE, NOW)
     assert await store.expired_activity_tasks(NOW + 1, 10) == []
-    await store.renew_leases("w1", NOW + 3 * LEASE, NOW + 1)
+    await store.renew_leases([], [activity], NOW + 3 * LEASE, NOW + 1)
     assert await store.expired_activity_tasks(NOW + 2 * LEASE, 10) == []
     (expired,) = await store.expired_activity_tasks(NOW + 3 * LEASE + 1, 10)
     assert (expired.owner, expired.token, expired.seq) == ("w1", activity.token, 1)

@@ -152,6 +152,9 @@ class Client:
                     f"{len(args)} given"
                 )
         payload = self.converter.encode_args(args, f"workflow {workflow_type!r}")
+        if not isinstance(workflow, str):
+            # Reject arguments the workflow could not accept before anything is stored.
+            self.converter.decode_args(payload, defn.arg_hints, f"workflow {workflow_type!r}")
         now = self.clock.now()
         served = await self._store.workflow_types_served(task_queue, now - _WORKER_SEEN_WINDOW)
         if served is not None and workflow_type not in served:

@@ -48,7 +48,9 @@ class PayloadConverter:
                     f"{what}: cannot serialize a value of type {type(value).__qualname__} to "
                     f"JSON ({e}). Use JSON types, dataclasses or pydantic models."
                 ) from None
-        if isinstance(data, str | bytes) and len(data) <= 1024:
+        # Fast path: a short string is under any limit of at least 12 bytes per character
+        # (the longest JSON escape) plus the quotes, so it needs no measuring.
+        if isinstance(data, str) and len(data) <= min(1024, (self.max_payload_bytes - 2) // 12):
             return data
         size = len(json.dumps(data, separators=(",", ":")).encode())
         if size > self.max_payload_bytes:

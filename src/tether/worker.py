@@ -46,7 +46,9 @@ class Worker:
         max_cached_workflows: live workflows kept in memory between tasks; an evicted
             one is rebuilt by replaying its history. 0 replays on every task.
         identity: names this worker in leases; a worker restarted with the same
-            identity takes back its unfinished work at once (default ``host:pid``).
+            identity takes back its unfinished work at once (default ``host:pid``,
+            with ``/2``, ``/3``... for further workers in the process). Give each
+            worker its own: workers sharing one take each other's leases.
         lease_duration: seconds after which work held by a worker that stopped
             renewing its leases (it died) is given to another worker.
         activity_executor: runs sync activities (default: a thread pool).

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tether.converter import PayloadConverter
 from tether.exceptions import TetherError
 
 
@@ -40,9 +41,15 @@ class ActivityCancelled(TetherError):
 class ActivityContext:
     """Per-attempt state; thread-safe so sync activities in a pool can heartbeat."""
 
-    def __init__(self, info: ActivityInfo, on_heartbeat: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        info: ActivityInfo,
+        on_heartbeat: Callable[[], None],
+        converter: PayloadConverter | None = None,
+    ) -> None:
         self.info = info
         self._on_heartbeat = on_heartbeat
+        self._converter = converter or PayloadConverter()
         self._lock = threading.Lock()
         self.last_heartbeat = time.monotonic()
         self.details: Any = info.heartbeat_details
@@ -52,6 +59,10 @@ class ActivityContext:
     def heartbeat(self, details: Any) -> None:
         if self.cancel_reason is not None:
             raise ActivityCancelled(self.cancel_reason)
+        if details is not None:
+            # Stored as JSON: convert now so a bad value fails here, in the caller, with a
+            # PayloadError (not later in the worker, where it would strand the attempt).
+            details = self._converter.encode(details, "heartbeat details")
         with self._lock:
             self.last_heartbeat = time.monotonic()
             if details is not None:

@@ -17,12 +17,13 @@ import collections
 import concurrent.futures
 import contextvars
 import functools
+import itertools
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from tether._runtime.activity_context import ActivityCancelled, ActivityContext, ActivityInfo
 from tether._runtime.activity_context import current as current_activity
@@ -66,12 +67,25 @@ from tether.exceptions import (
 
 logger = logging.getLogger("tether.worker")
 
+T = TypeVar("T")
+
 _IDLE_POLL = 1.0
 """Longest sleep of an idle loop; store notifications usually wake it much sooner."""
 
 
+_worker_numbers = itertools.count(1)
+
+
 def default_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid`` for a process's first worker, ``host:pid/2``, ``/3``... for later ones.
+
+    Workers must not share an identity: a starting worker takes back the leases held
+    under its identity and registers its queue's workflow types under it, so a sibling
+    with the same identity would lose its running work and hide its types.
+    """
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    number = next(_worker_numbers)
+    return base if number == 1 else f"{base}/{number}"
 
 
 class Engine:
@@ -110,7 +124,7 @@ class Engine:
             thread_name_prefix="tether-activity",
         )
         self._cache: collections.OrderedDict[str, WorkflowInstance] = collections.OrderedDict()
-        self._workflow_tasks: set[asyncio.Task[None]] = set()
+        self._workflow_tasks: dict[asyncio.Task[None], WorkflowTask] = {}
         self._activity_tasks: dict[asyncio.Task[None], ActivityTask] = {}
         self._activity_slots_reserved = 0
         self._loops: list[asyncio.Task[None]] = []
@@ -206,6 +220,26 @@ class Engine:
             if delay is not None:
                 await self._wait(waiter, delay)
 
+    async def _persist(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Record an outcome, retrying transient store errors while the lease lasts.
+
+        Retrying is safe even if an earlier try did commit: the claim's token no longer
+        matches and the store answers ``StaleTaskError``.
+        """
+        delay = 0.05
+        deadline = time.monotonic() + self.lease_duration / 2
+        while True:
+            try:
+                return await call()
+            except StaleTaskError:
+                raise
+            except StoreError as e:
+                if not e.retryable or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("store call failed (%s); retrying in %.2fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     # -- workflow tasks ------------------------------------------------------------------
     async def _workflow_loop(self) -> None:
         async def step() -> float | None:
@@ -218,8 +252,8 @@ class Engine:
             )
             for task in tasks:
                 t = asyncio.create_task(self._run_workflow_task(task))
-                self._workflow_tasks.add(t)
-                t.add_done_callback(self._workflow_tasks.discard)
+                self._workflow_tasks[t] = task
+                t.add_done_callback(self._workflow_tasks.pop)
             return None if len(tasks) == free else _IDLE_POLL
 
         await self._guarded("workflow", step)
@@ -266,7 +300,9 @@ class Engine:
             return
         completion, reserved = self._completion(task, inst, commands, now)
         try:
-            result = await self.store.complete_workflow_task(completion, self.identity, now)
+            result = await self._persist(
+                lambda: self.store.complete_workflow_task(completion, self.identity, now)
+            )
         except (StaleTaskError, StoreError) as e:
             self._activity_slots_reserved -= reserved
             inst.evict()
@@ -356,7 +392,7 @@ class Engine:
                 if a.task_queue == self.task_queue and a.activity_type in self.activities
             )
             if eligible == len(completion.activities):
-                reserved = min(eligible, self._free_activity_slots())
+                reserved = max(0, min(eligible, self._free_activity_slots()))
         self._activity_slots_reserved += reserved
         completion.eager_activity_limit = reserved
         completion.activity_lease_until = now + self.lease_duration
@@ -372,9 +408,15 @@ class Engine:
             if free <= 0:
                 return _IDLE_POLL
             now = self.clock.now()
-            tasks = await self.store.claim_activity_tasks(
-                self.task_queue, self.identity, free, now + self.lease_duration, now
-            )
+            # Hold the slots while the claim is in flight, or eager dispatch from a
+            # workflow task finishing meanwhile would hand them out a second time.
+            self._activity_slots_reserved += free
+            try:
+                tasks = await self.store.claim_activity_tasks(
+                    self.task_queue, self.identity, free, now + self.lease_duration, now
+                )
+            finally:
+                self._activity_slots_reserved -= free
             for task in tasks:
                 self._start_activity(task)
             return None if len(tasks) == free else _IDLE_POLL
@@ -414,6 +456,7 @@ class Engine:
                 heartbeat_timeout=heartbeat_timeout,
             ),
             on_heartbeat=lambda: None,
+            converter=self.converter,
         )
         try:
             if s2c_deadline is not None and now >= s2c_deadline:
@@ -441,12 +484,16 @@ class Engine:
             await self._activity_failed(task, e, ctx.details, s2c_deadline)
             return
         try:
-            await self.store.finish_activity(
-                task, ACTIVITY_COMPLETED, {"seq": task.seq, "result": payload}, self.clock.now()
+            await self._persist(
+                lambda: self.store.finish_activity(
+                    task, ACTIVITY_COMPLETED, {"seq": task.seq, "result": payload}, self.clock.now()
+                )
             )
             self.stats["activities"] += 1
-        except StaleTaskError as e:
-            logger.info("activity result dropped: %s", e)
+        except StoreError as e:
+            # Stale: someone else owns the task now. Otherwise the lease lapses and the
+            # activity runs again (at least once).
+            logger.info("activity result not recorded: %s", e)
 
     async def _execute(
         self,
@@ -541,8 +588,9 @@ class Engine:
                     task.attempt,
                     error,
                 )
-                await self.store.retry_activity(
-                    task, to_failure(error), self._retry_at(task, error), details
+                retry_at = self._retry_at(task, error)
+                await self._persist(
+                    lambda: self.store.retry_activity(task, to_failure(error), retry_at, details)
                 )
                 self.stats["activity_retries"] += 1
                 return
@@ -555,14 +603,12 @@ class Engine:
                 retry_state=decision,
                 cause=error,
             )
-            await self.store.finish_activity(
-                task,
-                ACTIVITY_FAILED,
-                {"seq": task.seq, "failure": to_failure(wrapped)},
-                self.clock.now(),
+            failure = {"seq": task.seq, "failure": to_failure(wrapped)}
+            await self._persist(
+                lambda: self.store.finish_activity(task, ACTIVITY_FAILED, failure, self.clock.now())
             )
-        except StaleTaskError as e:
-            logger.info("activity failure dropped: %s", e)
+        except StoreError as e:
+            logger.info("activity failure not recorded: %s", e)
 
     def _retry_decision(
         self, task: ActivityTask, error: BaseException, s2c_deadline: float | None
@@ -617,10 +663,18 @@ class Engine:
 
         async def step() -> float | None:
             now = self.clock.now()
-            await self.store.renew_leases(self.identity, now + self.lease_duration, now)
+            # Only work actually in flight is renewed: a claim whose handler died with
+            # an error must lapse so that the work is picked up again.
+            await self.store.renew_leases(
+                list(self._workflow_tasks.values()),
+                list(self._activity_tasks.values()),
+                now + self.lease_duration,
+                now,
+            )
             await self.store.register_worker(
                 self.task_queue, self.identity, sorted(self.workflows), sorted(self.activities), now
             )
+            failing = []
             for task in await self.store.expired_activity_tasks(now, 500):
                 if task.cancel_requested:
                     error: BaseException = ActivityCancelled("cancelled by the workflow")
@@ -633,7 +687,12 @@ class Engine:
                     )
                 s2c = task.options.get("schedule_to_close")
                 deadline = task.scheduled_at + s2c if s2c else None
-                await self._activity_failed(task, error, task.heartbeat_details, deadline)
+                failing.append(self._activity_failed(task, error, task.heartbeat_details, deadline))
+            # Concurrently, so they share group commits: a worker restarted after a crash
+            # hands back hundreds of leases at once, one commit each would take seconds.
+            for outcome in await asyncio.gather(*failing, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
             return interval
 
         await self._guarded("lease", step)

@@ -42,7 +42,12 @@ from tether._store.base import (
     Event,
 )
 from tether.converter import PayloadConverter
-from tether.exceptions import FailureError, InvalidArgumentError, NondeterminismError
+from tether.exceptions import (
+    FailureError,
+    InvalidArgumentError,
+    NondeterminismError,
+    PayloadError,
+)
 
 logger = logging.getLogger("tether.workflow")
 
@@ -270,8 +275,10 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         if error is None:
             try:
                 result = self.converter.encode(main.result(), "workflow result")
-            except Exception as e:
-                raise WorkflowTaskFailure(f"workflow result cannot be stored: {e}", e) from None
+            except PayloadError as e:
+                # The same value fails the same way on every retry: fail the run, clearly.
+                self._close(WORKFLOW_FAILED, {"failure": to_failure(e)})
+                return
             self._close(WORKFLOW_COMPLETED, {"result": result})
         elif self._is_failure(error):
             self._close(WORKFLOW_FAILED, {"failure": to_failure(error)})

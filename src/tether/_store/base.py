@@ -178,7 +178,8 @@ class Store(abc.ABC):
         """Create a run with its ``WorkflowStarted`` event and first workflow task.
 
         Raises ``WorkflowAlreadyStartedError`` if a run with that workflow id is still
-        running, unless it was started by the same ``request_id`` (then returns it).
+        running. A run of that workflow id started by the same ``request_id``, running
+        or closed, is returned instead (``created=False``): starts are idempotent.
         """
 
     @abc.abstractmethod
@@ -276,8 +277,14 @@ class Store(abc.ABC):
         """How many tasks are leased right now (work in progress somewhere)."""
 
     @abc.abstractmethod
-    async def renew_leases(self, owner: str, lease_until: float, now: float) -> None:
-        """Extend every live lease ``owner`` holds."""
+    async def renew_leases(
+        self,
+        workflow_tasks: list[WorkflowTask],
+        activity_tasks: list[ActivityTask],
+        lease_until: float,
+        now: float,
+    ) -> None:
+        """Extend the leases of these claims (work in flight) that have not lapsed yet."""
 
     @abc.abstractmethod
     async def release_leases(self, owner: str, now: float) -> None:

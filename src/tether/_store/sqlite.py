@@ -379,6 +379,15 @@ class SqliteStore(Store):
     # -- runs --------------------------------------------------------------------
     async def start_run(self, run: NewRun) -> StartOutcome:
         def op(conn: sqlite3.Connection) -> StartOutcome:
+            # A repeated request (a client retrying after a lost reply) gets the run it
+            # created, even if that run has closed since: never start the work twice.
+            same_request = conn.execute(
+                "SELECT run_id FROM runs WHERE namespace = ? AND workflow_id = ? "
+                "AND request_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                (run.namespace, run.workflow_id, run.request_id),
+            ).fetchone()
+            if same_request is not None:
+                return StartOutcome(run_id=same_request[0], created=False)
             row = conn.execute(
                 "SELECT run_id, request_id FROM runs "
                 "WHERE namespace = ? AND workflow_id = ? AND status = 'running'",
@@ -894,14 +903,24 @@ class SqliteStore(Store):
 
         return await self._call(op, writes=False)
 
-    async def renew_leases(self, owner: str, lease_until: float, now: float) -> None:
+    async def renew_leases(
+        self,
+        workflow_tasks: list[WorkflowTask],
+        activity_tasks: list[ActivityTask],
+        lease_until: float,
+        now: float,
+    ) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            for table in ("workflow_tasks", "activity_tasks"):
-                conn.execute(
-                    f"UPDATE {table} SET visible_at = ? WHERE owner = ? AND visible_at > ? "
-                    "AND token IS NOT NULL",
-                    (lease_until, owner, now),
-                )
+            conn.executemany(
+                "UPDATE workflow_tasks SET visible_at = ? WHERE run_id = ? AND token = ? "
+                "AND visible_at > ?",
+                [(lease_until, t.run_id, t.token, now) for t in workflow_tasks],
+            )
+            conn.executemany(
+                "UPDATE activity_tasks SET visible_at = ? WHERE run_id = ? AND seq = ? "
+                "AND token = ? AND visible_at > ?",
+                [(lease_until, t.run_id, t.seq, t.token, now) for t in activity_tasks],
+            )
 
         await self._call(op)
 
