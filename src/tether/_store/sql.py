@@ -1,0 +1,726 @@
+"""The store's domain logic, written once in portable SQL for every backend.
+
+Each operation is a generator that yields statements and receives their results
+("sans-IO"), so the same code runs on a blocking SQLite connection in a thread and
+on an async PostgreSQL connection. A backend supplies ``_execute`` (run one
+operation in a transaction, usually batched with others) and a ``Dialect`` for the
+few places where SQL differs. SQL uses ``?`` placeholders; backends translate.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+import json
+import secrets
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tether._store.base import (
+    COMPLETED,
+    TIMER_FIRED,
+    WORKFLOW_STARTED,
+    WORKFLOW_TASK_COMPLETED,
+    ActivityTask,
+    Event,
+    NewRun,
+    RunInfo,
+    StartOutcome,
+    Store,
+    WorkflowTask,
+    WorkflowTaskCompletion,
+    WorkflowTaskResult,
+)
+from tether.exceptions import StaleTaskError, WorkflowAlreadyStartedError, WorkflowNotFoundError
+
+T = TypeVar("T")
+
+ONE, ALL, EXEC, MANY = "one", "all", "exec", "many"
+
+
+@dataclass(frozen=True, slots=True)
+class Stmt:
+    """One statement. ``kind``: ONE -> a row or None, ALL -> rows, EXEC -> rowcount,
+    MANY -> nothing (``params`` is a list of parameter tuples)."""
+
+    kind: str
+    sql: str
+    params: Any = ()
+
+
+Op = Generator[Stmt, Any, T]
+"""An operation: yields statements, receives their results, returns its value."""
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between backends' SQL."""
+
+    row_locks: bool
+    """Whether claims must lock rows (concurrent writers) or writes are serialized anyway."""
+
+    def skip_locked(self, alias: str) -> str:
+        """Suffix for a claim query so concurrent claimers take different rows."""
+        return f"FOR UPDATE OF {alias} SKIP LOCKED" if self.row_locks else ""
+
+
+_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def dumps(value: Any) -> str:
+    return _DUMPS(value)
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+_RUN_COLUMNS = (
+    "namespace, workflow_id, run_id, workflow_type, task_queue, status, created_at, "
+    "closed_at, result, failure, next_seq, task_failure"
+)
+_ACTIVITY_COLUMNS = (
+    "a.run_id, r.workflow_id, r.workflow_type, a.seq, a.activity_type, a.task_queue, a.args, "
+    "a.options, a.attempt, a.scheduled_at, a.heartbeat_details, a.token, a.owner, "
+    "a.cancel_requested"
+)
+
+
+def _run_info(row: Any) -> RunInfo:
+    return RunInfo(
+        namespace=row[0],
+        workflow_id=row[1],
+        run_id=row[2],
+        workflow_type=row[3],
+        task_queue=row[4],
+        status=row[5],
+        created_at=row[6],
+        closed_at=row[7],
+        result=loads(row[8]),
+        failure=loads(row[9]),
+        history_length=row[10] - 1,
+        task_failure=loads(row[11]),
+    )
+
+
+def _activity(row: Any) -> ActivityTask:
+    return ActivityTask(
+        run_id=row[0],
+        workflow_id=row[1],
+        workflow_type=row[2],
+        seq=row[3],
+        activity_type=row[4],
+        task_queue=row[5],
+        args=json.loads(row[6]),
+        options=json.loads(row[7]),
+        attempt=row[8],
+        scheduled_at=row[9],
+        heartbeat_details=loads(row[10]),
+        token=row[11],
+        owner=row[12],
+        cancel_requested=bool(row[13]),
+    )
+
+
+class SqlStore(Store):
+    """The ``Store`` contract implemented once over any SQL backend."""
+
+    dialect: Dialect
+
+    def __init__(self) -> None:
+        self._token_prefix = secrets.token_hex(6)
+        self._token_counter = itertools.count()
+
+    @abc.abstractmethod
+    async def _execute(self, op: Op[T], writes: bool) -> T:
+        """Run ``op`` in a transaction (writes) or on a snapshot (reads); return its value."""
+
+    def _token(self) -> str:
+        """A lease token unique across processes (random prefix) without a syscall each."""
+        return f"{self._token_prefix}{next(self._token_counter):x}"
+
+    # -- runs --------------------------------------------------------------------
+    async def start_run(self, run: NewRun) -> StartOutcome:
+        return await self._execute(self._start_run(run), writes=True)
+
+    def _start_run(self, run: NewRun) -> Op[StartOutcome]:
+        # A repeated request (a client retrying after a lost reply) gets the run it
+        # created, even if that run has closed since: never start the work twice.
+        same_request = yield Stmt(
+            ONE,
+            "SELECT run_id FROM runs WHERE namespace = ? AND workflow_id = ? "
+            "AND request_id = ? ORDER BY created_at DESC LIMIT 1",
+            (run.namespace, run.workflow_id, run.request_id),
+        )
+        if same_request is not None:
+            return StartOutcome(run_id=same_request[0], created=False)
+        running = yield Stmt(
+            ONE,
+            "SELECT run_id FROM runs WHERE namespace = ? AND workflow_id = ? "
+            "AND status = 'running'",
+            (run.namespace, run.workflow_id),
+        )
+        if running is not None:
+            raise WorkflowAlreadyStartedError(
+                f"workflow id {run.workflow_id!r} is already running (run {running[0]}); "
+                "wait for it to close, or start with another id",
+                workflow_id=run.workflow_id,
+                run_id=running[0],
+            )
+        yield Stmt(
+            EXEC,
+            "INSERT INTO runs (run_id, namespace, workflow_id, workflow_type, task_queue, "
+            "status, request_id, created_at, next_seq, inbound_seq) "
+            "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, 2, 1)",
+            (
+                run.run_id,
+                run.namespace,
+                run.workflow_id,
+                run.workflow_type,
+                run.task_queue,
+                run.request_id,
+                run.now,
+            ),
+        )
+        data = {
+            "workflow_id": run.workflow_id,
+            "workflow_type": run.workflow_type,
+            "task_queue": run.task_queue,
+            "args": run.args,
+            "seed": run.seed,
+            "namespace": run.namespace,
+        }
+        yield Stmt(
+            EXEC,
+            "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, 1, ?, ?, ?)",
+            (run.run_id, WORKFLOW_STARTED, run.now, dumps(data)),
+        )
+        yield Stmt(
+            EXEC,
+            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?)",
+            (run.run_id, run.task_queue, run.now),
+        )
+        return StartOutcome(run_id=run.run_id, created=True)
+
+    async def get_run(self, namespace: str, workflow_id: str, run_id: str | None) -> RunInfo:
+        def op() -> Op[RunInfo]:
+            if run_id is None:
+                row = yield Stmt(
+                    ONE,
+                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE namespace = ? AND workflow_id = ? "
+                    "ORDER BY created_at DESC LIMIT 1",
+                    (namespace, workflow_id),
+                )
+            else:
+                row = yield Stmt(
+                    ONE,
+                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ? AND namespace = ? "
+                    "AND workflow_id = ?",
+                    (run_id, namespace, workflow_id),
+                )
+            if row is None:
+                which = f"run {run_id!r} of " if run_id else ""
+                raise WorkflowNotFoundError(
+                    f"no {which}workflow {workflow_id!r} in namespace {namespace!r}"
+                )
+            return _run_info(row)
+
+        return await self._execute(op(), writes=False)
+
+    async def list_runs(
+        self,
+        namespace: str,
+        *,
+        status: str | None = None,
+        workflow_type: str | None = None,
+        limit: int = 1000,
+    ) -> list[RunInfo]:
+        def op() -> Op[list[RunInfo]]:
+            sql = f"SELECT {_RUN_COLUMNS} FROM runs WHERE namespace = ?"
+            params: list[Any] = [namespace]
+            if status is not None:
+                sql += " AND status = ?"
+                params.append(status)
+            if workflow_type is not None:
+                sql += " AND workflow_type = ?"
+                params.append(workflow_type)
+            sql += " ORDER BY created_at DESC LIMIT ?"
+            params.append(limit)
+            rows = yield Stmt(ALL, sql, tuple(params))
+            return [_run_info(r) for r in rows]
+
+        return await self._execute(op(), writes=False)
+
+    async def closed_runs(self, run_ids: list[str]) -> list[str]:
+        def op() -> Op[list[str]]:
+            closed: list[str] = []
+            for i in range(0, len(run_ids), 500):
+                chunk = tuple(run_ids[i : i + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = yield Stmt(
+                    ALL,
+                    f"SELECT run_id FROM runs WHERE run_id IN ({marks}) AND status != 'running'",
+                    chunk,
+                )
+                closed += [r[0] for r in rows]
+            return closed
+
+        return await self._execute(op(), writes=False)
+
+    async def read_history(self, run_id: str, after_seq: int = 0) -> list[Event]:
+        def op() -> Op[list[Event]]:
+            rows = yield Stmt(
+                ALL,
+                "SELECT seq, type, time, data FROM history WHERE run_id = ? AND seq > ? "
+                "ORDER BY seq",
+                (run_id, after_seq),
+            )
+            return [Event(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+        return await self._execute(op(), writes=False)
+
+    # -- shared steps -----------------------------------------------------------------
+    @staticmethod
+    def _append_inbound(run_id: str, event_type: str, data: dict[str, Any], now: float) -> Op[bool]:
+        """Append an inbound event to an open run and make sure a workflow task is queued."""
+        row = yield Stmt(
+            ONE,
+            "UPDATE runs SET next_seq = next_seq + 1, inbound_seq = next_seq "
+            "WHERE run_id = ? AND status = 'running' RETURNING next_seq - 1, task_queue",
+            (run_id,),
+        )
+        if row is None:
+            return False
+        seq, task_queue = row
+        yield Stmt(
+            EXEC,
+            "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
+            (run_id, seq, event_type, now, dumps(data)),
+        )
+        yield Stmt(
+            EXEC,
+            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (run_id) DO NOTHING",
+            (run_id, task_queue, now),
+        )
+        return True
+
+    @staticmethod
+    def _check_lease(task: ActivityTask) -> Op[bool]:
+        """Fail unless ``task`` still holds its lease; return whether cancel was requested."""
+        row = yield Stmt(
+            ONE,
+            "SELECT token, cancel_requested FROM activity_tasks WHERE run_id = ? AND seq = ?",
+            (task.run_id, task.seq),
+        )
+        if row is None or row[0] != task.token:
+            raise StaleTaskError(
+                f"activity {task.activity_type} (#{task.seq}) of run {task.run_id}, "
+                f"attempt {task.attempt}, is no longer leased by this worker"
+            )
+        return bool(row[1])
+
+    # -- workflow tasks ---------------------------------------------------------------
+    async def claim_workflow_tasks(
+        self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
+    ) -> list[WorkflowTask]:
+        def op() -> Op[list[WorkflowTask]]:
+            rows = yield Stmt(
+                ALL,
+                "SELECT t.run_id, r.workflow_id, r.workflow_type, r.namespace, t.attempt, "
+                "r.task_version, r.next_seq FROM workflow_tasks t JOIN runs r "
+                "ON r.run_id = t.run_id WHERE t.task_queue = ? AND t.visible_at <= ? "
+                f"ORDER BY t.visible_at LIMIT ? {self.dialect.skip_locked('t')}",
+                (task_queue, now, limit),
+            )
+            tasks = []
+            for run_id, wf_id, wf_type, ns, attempt, version, next_seq in rows:
+                token = self._token()
+                yield Stmt(
+                    EXEC,
+                    "UPDATE workflow_tasks SET owner = ?, token = ?, visible_at = ?, "
+                    "attempt = attempt + 1 WHERE run_id = ?",
+                    (owner, token, lease_until, run_id),
+                )
+                tasks.append(
+                    WorkflowTask(
+                        run_id=run_id,
+                        workflow_id=wf_id,
+                        workflow_type=wf_type,
+                        task_queue=task_queue,
+                        namespace=ns,
+                        token=token,
+                        attempt=attempt + 1,
+                        task_version=version,
+                        history_length=next_seq - 1,
+                    )
+                )
+            return tasks
+
+        return await self._execute(op(), writes=True)
+
+    async def complete_workflow_task(
+        self, completion: WorkflowTaskCompletion, owner: str, now: float
+    ) -> WorkflowTaskResult:
+        return await self._execute(self._complete_workflow_task(completion, owner, now), True)
+
+    def _complete_workflow_task(
+        self, c: WorkflowTaskCompletion, owner: str, now: float
+    ) -> Op[WorkflowTaskResult]:
+        task = c.task
+        run_id = task.run_id
+        held = yield Stmt(ONE, "SELECT token FROM workflow_tasks WHERE run_id = ?", (run_id,))
+        if held is None or held[0] != task.token:
+            raise StaleTaskError(
+                f"workflow task of run {run_id} is no longer leased by this worker"
+            )
+        row = yield Stmt(
+            ONE,
+            "UPDATE runs SET task_version = task_version + 1, task_failure = NULL "
+            "WHERE run_id = ? AND task_version = ? AND status = 'running' "
+            "RETURNING next_seq, inbound_seq, task_version",
+            (run_id, task.task_version),
+        )
+        if row is None:
+            raise StaleTaskError(f"run {run_id} advanced past task version {task.task_version}")
+        next_seq, inbound_seq, task_version = row
+        events = [*c.events, (WORKFLOW_TASK_COMPLETED, {"inputs_through": c.inputs_through})]
+        yield Stmt(
+            MANY,
+            "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
+            [(run_id, next_seq + i, t, now, dumps(d)) for i, (t, d) in enumerate(events)],
+        )
+        next_seq += len(events)
+        if c.timers:
+            yield Stmt(
+                MANY,
+                "INSERT INTO timers (run_id, seq, fire_at) VALUES (?, ?, ?)",
+                [(run_id, seq, fire_at) for seq, fire_at in c.timers],
+            )
+        if c.cancel_timers:
+            yield Stmt(
+                MANY,
+                "DELETE FROM timers WHERE run_id = ? AND seq = ?",
+                [(run_id, seq) for seq in c.cancel_timers],
+            )
+        eager: list[ActivityTask] = []
+        rows = []
+        for act in c.activities:
+            token = self._token() if len(eager) < c.eager_activity_limit else None
+            rows.append(
+                (
+                    run_id,
+                    act.seq,
+                    act.task_queue,
+                    act.activity_type,
+                    dumps(act.args),
+                    dumps(act.options),
+                    0 if token is None else 1,
+                    now,
+                    now if token is None else c.activity_lease_until,
+                    None if token is None else owner,
+                    token,
+                )
+            )
+            if token is not None:
+                eager.append(
+                    ActivityTask(
+                        run_id=run_id,
+                        workflow_id=task.workflow_id,
+                        workflow_type=task.workflow_type,
+                        seq=act.seq,
+                        activity_type=act.activity_type,
+                        task_queue=act.task_queue,
+                        args=act.args,
+                        options=act.options,
+                        attempt=1,
+                        scheduled_at=now,
+                        heartbeat_details=None,
+                        token=token,
+                        owner=owner,
+                    )
+                )
+        if rows:
+            yield Stmt(
+                MANY,
+                "INSERT INTO activity_tasks (run_id, seq, task_queue, activity_type, args, "
+                "options, attempt, scheduled_at, visible_at, owner, token) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        for seq in c.cancel_activities:
+            # Not started: drop it. Running: flag it; the next heartbeat delivers the cancel.
+            yield Stmt(
+                EXEC,
+                "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND owner IS NULL",
+                (run_id, seq),
+            )
+            yield Stmt(
+                EXEC,
+                "UPDATE activity_tasks SET cancel_requested = 1 WHERE run_id = ? AND seq = ?",
+                (run_id, seq),
+            )
+        more_work = False
+        if c.close is not None:
+            yield Stmt(
+                EXEC,
+                "UPDATE runs SET status = ?, result = ?, failure = ?, closed_at = ?, "
+                "next_seq = ? WHERE run_id = ?",
+                (
+                    c.close.status,
+                    dumps(c.close.result) if c.close.status == COMPLETED else None,
+                    dumps(c.close.failure) if c.close.failure is not None else None,
+                    now,
+                    next_seq,
+                    run_id,
+                ),
+            )
+            for table in ("workflow_tasks", "activity_tasks", "timers"):
+                yield Stmt(EXEC, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        else:
+            yield Stmt(EXEC, "UPDATE runs SET next_seq = ? WHERE run_id = ?", (next_seq, run_id))
+            more_work = inbound_seq > c.inputs_through
+            if more_work:
+                yield Stmt(
+                    EXEC,
+                    "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ?, "
+                    "attempt = 0 WHERE run_id = ?",
+                    (now, run_id),
+                )
+            else:
+                yield Stmt(EXEC, "DELETE FROM workflow_tasks WHERE run_id = ?", (run_id,))
+        return WorkflowTaskResult(
+            task_version=task_version,
+            history_length=next_seq - 1,
+            eager_activities=eager,
+            more_work=more_work,
+        )
+
+    async def fail_workflow_task(
+        self, task: WorkflowTask, failure: dict[str, Any], retry_at: float
+    ) -> None:
+        def op() -> Op[None]:
+            updated = yield Stmt(
+                EXEC,
+                "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
+                "WHERE run_id = ? AND token = ?",
+                (retry_at, task.run_id, task.token),
+            )
+            if updated:
+                yield Stmt(
+                    EXEC,
+                    "UPDATE runs SET task_failure = ? WHERE run_id = ?",
+                    (dumps(failure), task.run_id),
+                )
+
+        await self._execute(op(), writes=True)
+
+    # -- activities -------------------------------------------------------------------
+    async def claim_activity_tasks(
+        self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
+    ) -> list[ActivityTask]:
+        def op() -> Op[list[ActivityTask]]:
+            keys = yield Stmt(
+                ALL,
+                "SELECT a.run_id, a.seq FROM activity_tasks a WHERE a.task_queue = ? "
+                "AND a.visible_at <= ? AND a.owner IS NULL ORDER BY a.visible_at LIMIT ? "
+                f"{self.dialect.skip_locked('a')}",
+                (task_queue, now, limit),
+            )
+            tasks = []
+            for run_id, seq in keys:
+                row = yield Stmt(
+                    ONE,
+                    "UPDATE activity_tasks SET owner = ?, token = ?, visible_at = ?, "
+                    "attempt = attempt + 1 WHERE run_id = ? AND seq = ? RETURNING run_id",
+                    (owner, self._token(), lease_until, run_id, seq),
+                )
+                if row is None:
+                    continue
+                full = yield Stmt(
+                    ONE,
+                    f"SELECT {_ACTIVITY_COLUMNS} FROM activity_tasks a JOIN runs r "
+                    "ON r.run_id = a.run_id WHERE a.run_id = ? AND a.seq = ?",
+                    (run_id, seq),
+                )
+                tasks.append(_activity(full))
+            return tasks
+
+        return await self._execute(op(), writes=True)
+
+    async def heartbeat_activity(
+        self, task: ActivityTask, details: Any, lease_until: float
+    ) -> bool:
+        def op() -> Op[bool]:
+            cancel_requested = yield from self._check_lease(task)
+            yield Stmt(
+                EXEC,
+                "UPDATE activity_tasks SET heartbeat_details = ?, visible_at = ? "
+                "WHERE run_id = ? AND seq = ?",
+                (dumps(details), lease_until, task.run_id, task.seq),
+            )
+            return cancel_requested
+
+        return await self._execute(op(), writes=True)
+
+    async def finish_activity(
+        self, task: ActivityTask, event_type: str, data: dict[str, Any], now: float
+    ) -> None:
+        def op() -> Op[None]:
+            cancel_requested = yield from self._check_lease(task)
+            yield Stmt(
+                EXEC,
+                "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ?",
+                (task.run_id, task.seq),
+            )
+            if not cancel_requested:
+                yield from self._append_inbound(task.run_id, event_type, data, now)
+
+        await self._execute(op(), writes=True)
+
+    async def retry_activity(
+        self,
+        task: ActivityTask,
+        failure: dict[str, Any],
+        retry_at: float,
+        heartbeat_details: Any,
+    ) -> None:
+        def op() -> Op[None]:
+            yield from self._check_lease(task)
+            yield Stmt(
+                EXEC,
+                "UPDATE activity_tasks SET owner = NULL, token = NULL, visible_at = ?, "
+                "last_failure = ?, heartbeat_details = ? WHERE run_id = ? AND seq = ?",
+                (retry_at, dumps(failure), dumps(heartbeat_details), task.run_id, task.seq),
+            )
+
+        await self._execute(op(), writes=True)
+
+    async def expired_activity_tasks(self, now: float, limit: int) -> list[ActivityTask]:
+        def op() -> Op[list[ActivityTask]]:
+            rows = yield Stmt(
+                ALL,
+                f"SELECT {_ACTIVITY_COLUMNS} FROM activity_tasks a JOIN runs r "
+                "ON r.run_id = a.run_id WHERE a.owner IS NOT NULL AND a.visible_at <= ? "
+                "LIMIT ?",
+                (now, limit),
+            )
+            return [_activity(r) for r in rows]
+
+        return await self._execute(op(), writes=False)
+
+    # -- timers, leases, housekeeping -----------------------------------------------
+    async def fire_due_timers(self, now: float, limit: int) -> int:
+        def op() -> Op[int]:
+            due = yield Stmt(
+                ALL,
+                "SELECT run_id, seq FROM timers WHERE fire_at <= ? ORDER BY fire_at LIMIT ? "
+                f"{self.dialect.skip_locked('timers')}",
+                (now, limit),
+            )
+            for run_id, seq in due:
+                yield Stmt(EXEC, "DELETE FROM timers WHERE run_id = ? AND seq = ?", (run_id, seq))
+                yield from self._append_inbound(run_id, TIMER_FIRED, {"seq": seq}, now)
+            return len(due)
+
+        return await self._execute(op(), writes=True)
+
+    async def next_due_time(self) -> float | None:
+        def op() -> Op[float | None]:
+            row = yield Stmt(
+                ONE,
+                "SELECT min(t) FROM ("
+                "SELECT min(fire_at) AS t FROM timers "
+                "UNION ALL SELECT min(visible_at) FROM activity_tasks WHERE owner IS NULL "
+                "UNION ALL SELECT min(visible_at) FROM workflow_tasks WHERE owner IS NULL) due",
+            )
+            return None if row is None else row[0]
+
+        return await self._execute(op(), writes=False)
+
+    async def leased_task_count(self) -> int:
+        def op() -> Op[int]:
+            row = yield Stmt(
+                ONE,
+                "SELECT (SELECT count(*) FROM activity_tasks WHERE owner IS NOT NULL) + "
+                "(SELECT count(*) FROM workflow_tasks WHERE owner IS NOT NULL)",
+            )
+            return int(row[0])
+
+        return await self._execute(op(), writes=False)
+
+    async def renew_leases(
+        self,
+        workflow_tasks: list[WorkflowTask],
+        activity_tasks: list[ActivityTask],
+        lease_until: float,
+        now: float,
+    ) -> None:
+        def op() -> Op[None]:
+            if workflow_tasks:
+                yield Stmt(
+                    MANY,
+                    "UPDATE workflow_tasks SET visible_at = ? WHERE run_id = ? AND token = ? "
+                    "AND visible_at > ?",
+                    [(lease_until, t.run_id, t.token, now) for t in workflow_tasks],
+                )
+            if activity_tasks:
+                yield Stmt(
+                    MANY,
+                    "UPDATE activity_tasks SET visible_at = ? WHERE run_id = ? AND seq = ? "
+                    "AND token = ? AND visible_at > ?",
+                    [(lease_until, t.run_id, t.seq, t.token, now) for t in activity_tasks],
+                )
+
+        await self._execute(op(), writes=True)
+
+    async def release_leases(self, owner: str, now: float) -> None:
+        def op() -> Op[None]:
+            yield Stmt(
+                EXEC,
+                "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
+                "WHERE owner = ? AND token IS NOT NULL",
+                (now, owner),
+            )
+            # Activities may have run partly: expire the lease so the attempt is counted.
+            yield Stmt(
+                EXEC,
+                "UPDATE activity_tasks SET visible_at = ? WHERE owner = ? AND token IS NOT NULL",
+                (now, owner),
+            )
+
+        await self._execute(op(), writes=True)
+
+    async def register_worker(
+        self,
+        task_queue: str,
+        identity: str,
+        workflow_types: list[str],
+        activity_types: list[str],
+        now: float,
+    ) -> None:
+        def op() -> Op[None]:
+            yield Stmt(
+                EXEC,
+                "INSERT INTO workers (task_queue, identity, workflow_types, activity_types, "
+                "last_seen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_queue, identity) DO UPDATE "
+                "SET workflow_types = excluded.workflow_types, "
+                "activity_types = excluded.activity_types, last_seen = excluded.last_seen",
+                (task_queue, identity, dumps(workflow_types), dumps(activity_types), now),
+            )
+
+        await self._execute(op(), writes=True)
+
+    async def workflow_types_served(self, task_queue: str, since: float) -> set[str] | None:
+        def op() -> Op[set[str] | None]:
+            rows = yield Stmt(
+                ALL,
+                "SELECT workflow_types FROM workers WHERE task_queue = ? AND last_seen >= ?",
+                (task_queue, since),
+            )
+            if not rows:
+                return None
+            return {t for (types,) in rows for t in json.loads(types)}
+
+        return await self._execute(op(), writes=False)
