@@ -277,8 +277,9 @@ async def test_change_waiter_fires_on_commit(store: Store) -> None:
 
 
 async def test_worker_registry(store: Store) -> None:
-    assert await store.workflow_types_served("q", NOW - 10) is None
-    await store.register_worker("q", "w1", ["A", "B"], ["act"], NOW)
-    await store.register_worker("q", "w2", ["C"], [], NOW)
-    assert await store.workflow_types_served("q", NOW - 10) == {"A", "B", "C"}
-    assert await store.workflow_types_served("q", NOW + 1) is None
+    assert await store.workflows_served("q", NOW - 10) is None
+    await store.register_worker("q", "w1", {"A": {"signals": ["s"]}, "B": {}}, ["act"], NOW)
+    await store.register_worker("q", "w2", {"A": {"signals": ["t"]}, "C": {}}, [], NOW)
+    served = await store.workflows_served("q", NOW - 10)
+    assert served == {"A": {"signals": ["s", "t"]}, "B": {}, "C": {}}
+    assert await store.workflows_served("q", NOW + 1) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as _dt
 import secrets
 import uuid
@@ -12,15 +13,29 @@ from typing import Any
 
 from tether._runtime.clock import Clock
 from tether._runtime.connection import open_store
-from tether._runtime.definitions import workflow_definition
+from tether._runtime.definitions import HANDLER_ATTR, WorkflowDefinition, workflow_definition
 from tether._runtime.failures import from_failure
-from tether._store.base import COMPLETED, RUNNING, STATUSES, NewRun, RunInfo, Store
+from tether._runtime.instance import STACK_TRACE_QUERY
+from tether._store.base import (
+    COMPLETED,
+    CONTINUED_AS_NEW,
+    RUNNING,
+    STATUSES,
+    NewRun,
+    RunInfo,
+    Store,
+    UpdateRequest,
+)
 from tether.converter import DEFAULT_MAX_PAYLOAD_BYTES, PayloadConverter
 from tether.exceptions import (
     InvalidArgumentError,
+    NoWorkerResponseError,
+    QueryFailedError,
     StoreError,
     UnknownWorkflowTypeError,
+    UpdateFailedError,
     WorkflowFailureError,
+    WorkflowNotFoundError,
 )
 
 __all__ = ["Client", "HistoryEvent", "WorkflowDescription", "WorkflowHandle"]
@@ -129,17 +144,80 @@ class Client:
         task_queue: str,
         request_id: str | None = None,
         result_type: Any = None,
+        id_conflict_policy: str | None = None,
+        id_reuse_policy: str = "allow_duplicate",
+        start_signal: str | None = None,
+        start_signal_args: tuple[Any, ...] | list[Any] = (),
     ) -> WorkflowHandle:
         """Start a run and return its handle once the start is durably recorded.
 
         ``workflow`` is a ``@workflow.defn`` class, its run method, or a type name.
-        Raises ``WorkflowAlreadyStartedError`` if ``id`` is running, unless this call
-        repeats an earlier one with the same ``request_id`` (idempotent start).
+
+        While ``id`` is running, ``id_conflict_policy`` decides: ``fail`` (the default;
+        raises ``WorkflowAlreadyStartedError``), ``use_existing`` (returns the running
+        run) or ``terminate_existing``. A call that repeats an earlier one with the same
+        ``request_id`` always returns the run that call started. After runs of ``id``
+        closed, ``id_reuse_policy`` decides: ``allow_duplicate`` (the default),
+        ``allow_duplicate_failed_only`` or ``reject_duplicate``.
+
+        ``start_signal`` makes it signal-with-start: the signal is delivered to the new
+        run, or to the running one (conflict policy ``use_existing``), in one transaction.
         """
-        if not id:
+        plan = self._plan_start(workflow, args, id, task_queue, result_type)
+        if start_signal is not None:
+            signal_args = self._encode_handler_args(
+                plan.defn, "signals", start_signal, start_signal_args
+            )
+            id_conflict_policy = id_conflict_policy or "use_existing"
+        policy = id_conflict_policy or "fail"
+        _check_choice("id_conflict_policy", policy, _CONFLICT_POLICIES)
+        _check_choice("id_reuse_policy", id_reuse_policy, _REUSE_POLICIES)
+        run = plan.new_run(self, request_id, policy, id_reuse_policy)
+        if start_signal is not None:
+            run.signal = (start_signal, signal_args)
+        await self._check_served(plan.workflow_type, task_queue)
+        outcome = await self._store.start_run(run)
+        return WorkflowHandle(self, id, outcome.run_id, plan.result_hint, plan.defn)
+
+    async def execute_update_with_start(
+        self,
+        workflow: type | Callable[..., Any] | str,
+        *args: Any,
+        id: str,
+        task_queue: str,
+        update: str | Callable[..., Any],
+        update_args: tuple[Any, ...] | list[Any] = (),
+        update_id: str | None = None,
+        id_conflict_policy: str = "use_existing",
+        timeout: float | None = None,
+    ) -> Any:
+        """Start the workflow unless it runs (``use_existing``) and send it an update, in
+        one transaction; return the update's result (see ``WorkflowHandle.execute_update``)."""
+        plan = self._plan_start(workflow, args, id, task_queue, None)
+        name = _handler_name(update)
+        encoded = self._encode_handler_args(plan.defn, "updates", name, update_args)
+        _check_choice("id_conflict_policy", id_conflict_policy, _CONFLICT_POLICIES)
+        run = plan.new_run(self, None, id_conflict_policy, "allow_duplicate")
+        request = UpdateRequest(update_id or str(uuid.uuid4()), name, encoded)
+        run.update = request
+        await self._check_served(plan.workflow_type, task_queue)
+        outcome = await self._store.start_run(run)
+        handle = WorkflowHandle(self, id, outcome.run_id, plan.result_hint, plan.defn)
+        return await handle._await_update(outcome.run_id, request.update_id, update, timeout)
+
+    def _plan_start(
+        self,
+        workflow: type | Callable[..., Any] | str,
+        args: tuple[Any, ...],
+        workflow_id: str,
+        task_queue: str,
+        result_type: Any,
+    ) -> _StartPlan:
+        if not workflow_id:
             raise InvalidArgumentError("start_workflow needs a non-empty workflow id (id=...)")
         if not task_queue:
             raise InvalidArgumentError("start_workflow needs a task queue (task_queue=...)")
+        defn = None
         if isinstance(workflow, str):
             workflow_type, result_hint = workflow, result_type
         else:
@@ -152,31 +230,36 @@ class Client:
                     f"{len(args)} given"
                 )
         payload = self.converter.encode_args(args, f"workflow {workflow_type!r}")
-        if not isinstance(workflow, str):
+        if defn is not None:
             # Reject arguments the workflow could not accept before anything is stored.
             self.converter.decode_args(payload, defn.arg_hints, f"workflow {workflow_type!r}")
-        now = self.clock.now()
-        served = await self._store.workflow_types_served(task_queue, now - _WORKER_SEEN_WINDOW)
+        return _StartPlan(workflow_id, task_queue, workflow_type, defn, payload, result_hint)
+
+    def _encode_handler_args(
+        self, defn: WorkflowDefinition | None, kind: str, name: str, args: Any
+    ) -> list[Any]:
+        what = _KIND_NAMES[kind]
+        payload = self.converter.encode_args(list(args), f"{what} {name!r}")
+        if defn is not None and not (kind == "queries" and name == STACK_TRACE_QUERY):
+            handlers = getattr(defn, kind)
+            if name not in handlers:
+                raise InvalidArgumentError(
+                    f"workflow {defn.name} has no {what} handler {name!r} "
+                    f"(it has: {', '.join(sorted(handlers)) or 'none'})"
+                )
+            self.converter.decode_args(payload, handlers[name].arg_hints, f"{what} {name!r}")
+        return payload
+
+    async def _check_served(self, workflow_type: str, task_queue: str) -> None:
+        served = await self._store.workflows_served(
+            task_queue, self.clock.now() - _WORKER_SEEN_WINDOW
+        )
         if served is not None and workflow_type not in served:
             raise UnknownWorkflowTypeError(
                 f"no worker on task queue {task_queue!r} knows workflow type "
                 f"{workflow_type!r} (they serve: {', '.join(sorted(served)) or 'nothing'}); "
                 "check the name or register the workflow with a worker"
             )
-        outcome = await self._store.start_run(
-            NewRun(
-                namespace=self.namespace,
-                workflow_id=id,
-                run_id=str(uuid.uuid4()),
-                workflow_type=workflow_type,
-                task_queue=task_queue,
-                args=payload,
-                request_id=request_id or secrets.token_hex(16),
-                seed=secrets.randbits(63),
-                now=now,
-            )
-        )
-        return WorkflowHandle(self, id, outcome.run_id, result_hint)
 
     async def execute_workflow(
         self,
@@ -199,10 +282,21 @@ class Client:
         return await handle.result()
 
     def get_workflow_handle(
-        self, workflow_id: str, *, run_id: str | None = None, result_type: Any = None
+        self,
+        workflow_id: str,
+        *,
+        run_id: str | None = None,
+        result_type: Any = None,
+        workflow: type | None = None,
     ) -> WorkflowHandle:
-        """A handle on an existing workflow (its latest run unless ``run_id`` is given)."""
-        return WorkflowHandle(self, workflow_id, run_id, result_type)
+        """A handle on an existing workflow (its latest run unless ``run_id`` is given).
+
+        Pass the ``workflow`` class to have results and messages typed and checked.
+        """
+        defn = workflow_definition(workflow) if workflow is not None else None
+        if defn is not None and result_type is None:
+            result_type = defn.return_hint
+        return WorkflowHandle(self, workflow_id, run_id, result_type, defn)
 
     async def list_workflows(
         self, *, status: str | None = None, workflow_type: str | None = None, limit: int = 1000
@@ -218,16 +312,75 @@ class Client:
         return [WorkflowDescription._from(r) for r in runs]
 
 
+_KIND_NAMES = {"signals": "signal", "queries": "query", "updates": "update"}
+_CONFLICT_POLICIES = ("fail", "use_existing", "terminate_existing")
+_REUSE_POLICIES = ("allow_duplicate", "allow_duplicate_failed_only", "reject_duplicate")
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidArgumentError(f"{what} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _handler_name(handler: str | Callable[..., Any]) -> str:
+    if isinstance(handler, str):
+        if not handler:
+            raise InvalidArgumentError("a handler name must not be empty")
+        return handler
+    marker = getattr(handler, HANDLER_ATTR, None)
+    if marker is None:
+        raise InvalidArgumentError(
+            f"{handler!r} is not a signal, query or update handler: pass its name or a method "
+            "decorated with @workflow.signal/query/update"
+        )
+    return str(marker[1])
+
+
+@dataclass
+class _StartPlan:
+    workflow_id: str
+    task_queue: str
+    workflow_type: str
+    defn: WorkflowDefinition | None
+    payload: list[Any]
+    result_hint: Any
+
+    def new_run(self, client: Client, request_id: str | None, conflict: str, reuse: str) -> NewRun:
+        return NewRun(
+            namespace=client.namespace,
+            workflow_id=self.workflow_id,
+            run_id=str(uuid.uuid4()),
+            workflow_type=self.workflow_type,
+            task_queue=self.task_queue,
+            args=self.payload,
+            request_id=request_id or secrets.token_hex(16),
+            seed=secrets.randbits(63),
+            now=client.clock.now(),
+            conflict_policy=conflict,
+            reuse_policy=reuse,
+        )
+
+
 class WorkflowHandle:
-    """Refers to one workflow run; get it from ``start_workflow`` or ``get_workflow_handle``."""
+    """Refers to one workflow; get it from ``start_workflow`` or ``get_workflow_handle``.
+
+    Without a run id it means the workflow id's latest run; ``result()`` follows a
+    workflow through continue-as-new to its final run.
+    """
 
     def __init__(
-        self, client: Client, workflow_id: str, run_id: str | None, result_type: Any = None
+        self,
+        client: Client,
+        workflow_id: str,
+        run_id: str | None,
+        result_type: Any = None,
+        workflow: WorkflowDefinition | None = None,
     ) -> None:
         self.client = client
         self.id = workflow_id
         self.run_id = run_id
         self._result_type = result_type
+        self._defn = workflow
 
     async def _run(self) -> RunInfo:
         return await self.client.store.get_run(self.client.namespace, self.id, self.run_id)
@@ -244,30 +397,179 @@ class WorkflowHandle:
         ]
 
     async def result(self, *, timeout: float | None = None) -> Any:
-        """Wait for the run to close; return its result or raise ``WorkflowFailureError``.
+        """Wait for the workflow to close; return its result or raise ``WorkflowFailureError``.
 
         Raises ``TimeoutError`` if ``timeout`` seconds pass first.
         """
         clock = self.client.clock
+        store = self.client.store
+        namespace = self.client.namespace
         clock.begin_result_wait()
         try:
             async with asyncio.timeout(timeout):
                 run = await self._run()
-                if run.status == RUNNING:
-                    await self.client._closed_watcher.wait(run.run_id)
-                    run = await self.client.store.get_run(
-                        self.client.namespace, self.id, run.run_id
-                    )
+                while True:
+                    if run.status == RUNNING:
+                        await self.client._closed_watcher.wait(run.run_id)
+                        run = await store.get_run(namespace, self.id, run.run_id)
+                    elif run.status == CONTINUED_AS_NEW:
+                        run = await store.get_run(namespace, self.id, None)
+                    else:
+                        break
         finally:
             clock.end_result_wait()
         if run.status == COMPLETED:
             return self.client.converter.decode(run.result, self._result_type, "workflow result")
         cause = from_failure(run.failure) if run.failure else None
         raise WorkflowFailureError(
-            f"workflow {run.workflow_type} {self.id!r} (run {run.run_id}) failed: {cause}",
+            f"workflow {run.workflow_type} {self.id!r} (run {run.run_id}) {run.status}: {cause}",
             workflow_id=self.id,
             run_id=run.run_id,
             cause=cause,
+        )
+
+    async def _handler_payload(
+        self, kind: str, handler: str | Callable[..., Any], args: tuple[Any, ...]
+    ) -> tuple[str, list[Any], RunInfo]:
+        """Validate a message against what the workflow's workers declare; nothing is stored."""
+        name = _handler_name(handler)
+        payload = self.client._encode_handler_args(self._defn, kind, name, args)
+        run = await self._run()
+        served = await self.client.store.workflows_served(
+            run.task_queue, self.client.clock.now() - _WORKER_SEEN_WINDOW
+        )
+        declared = (served or {}).get(run.workflow_type, {}).get(kind)
+        builtin = kind == "queries" and name == STACK_TRACE_QUERY
+        if declared is not None and name not in declared and not builtin:
+            raise InvalidArgumentError(
+                f"workflow {run.workflow_type} {self.id!r} has no {_KIND_NAMES[kind]} handler "
+                f"{name!r} (it has: {', '.join(declared) or 'none'})"
+            )
+        return name, payload, run
+
+    async def signal(self, signal: str | Callable[..., Any], *args: Any) -> None:
+        """Send a signal; it is durably recorded before this returns."""
+        name, payload, run = await self._handler_payload("signals", signal, args)
+        if run.status != RUNNING and self.run_id is None:
+            raise WorkflowNotFoundError(f"workflow {self.id!r} is not running (it is {run.status})")
+        await self.client.store.signal_run(
+            self.client.namespace, self.id, self.run_id, name, payload, self.client.clock.now()
+        )
+
+    async def query(
+        self, query: str | Callable[..., Any], *args: Any, timeout: float = 10.0
+    ) -> Any:
+        """Ask a worker for the workflow's state (open or closed); nothing is recorded.
+
+        Raises ``QueryFailedError`` if the handler is unknown or raised, and
+        ``NoWorkerResponseError`` if no worker answers within ``timeout`` seconds.
+        """
+        name, payload, run = await self._handler_payload("queries", query, args)
+        store = self.client.store
+        query_id = str(uuid.uuid4())
+        await store.create_query(
+            self.client.namespace,
+            self.id,
+            run.run_id,
+            query_id,
+            name,
+            payload,
+            self.client.clock.now(),
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    change = store.change_waiter()
+                    answered, result, failure = await store.take_query_answer(query_id)
+                    if answered:
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(change, 0.5)
+        except TimeoutError:
+            await store.drop_query(query_id)
+            raise NoWorkerResponseError(
+                f"no worker of task queue {run.task_queue!r} answered query {name!r} within "
+                f"{timeout} s; is a worker for workflow {run.workflow_type} running?"
+            ) from None
+        if failure is not None:
+            raise QueryFailedError(
+                f"query {name!r} failed: {failure.get('message')}", cause=from_failure(failure)
+            )
+        hint = self._handler_hint("queries", name)
+        return self.client.converter.decode(result, hint, f"query {name!r} result")
+
+    def _handler_hint(self, kind: str, name: str) -> Any:
+        if self._defn is None:
+            return None
+        handler = getattr(self._defn, kind).get(name)
+        return None if handler is None else handler.return_hint
+
+    async def execute_update(
+        self,
+        update: str | Callable[..., Any],
+        *args: Any,
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send an update and return its handler's result.
+
+        An update ``id`` deduplicates: repeating it returns the first call's result and
+        the handler runs once. A rejected update (validator) raises ``UpdateFailedError``
+        and leaves no trace in history. ``NoWorkerResponseError`` after ``timeout``.
+        """
+        name, payload, _ = await self._handler_payload("updates", update, args)
+        request = UpdateRequest(id or str(uuid.uuid4()), name, payload)
+        state = await self.client.store.request_update(
+            self.client.namespace, self.id, self.run_id, request, self.client.clock.now()
+        )
+        return await self._await_update(state.run_id, request.update_id, update, timeout)
+
+    async def _await_update(
+        self,
+        run_id: str,
+        update_id: str,
+        update: str | Callable[..., Any],
+        timeout: float | None,
+    ) -> Any:
+        store = self.client.store
+        name = _handler_name(update)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    change = store.change_waiter()
+                    state = await store.get_update(run_id, update_id)
+                    if state is not None and state.state in ("completed", "rejected"):
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(change, 0.5)
+        except TimeoutError:
+            raise NoWorkerResponseError(
+                f"update {name!r} (id {update_id}) of workflow {self.id!r} was not handled "
+                f"within {timeout} s; is a worker for it running? Retry with the same id."
+            ) from None
+        if state.failure is not None:
+            verb = "was rejected" if state.state == "rejected" else "failed"
+            raise UpdateFailedError(
+                f"update {name!r} {verb}: {state.failure.get('message')}",
+                cause=from_failure(state.failure),
+            )
+        hint = self._handler_hint("updates", name)
+        return self.client.converter.decode(state.result, hint, f"update {name!r} result")
+
+    async def cancel(self, reason: str = "") -> None:
+        """Ask the workflow to cancel: its code sees ``asyncio.CancelledError`` and may clean up."""
+        await self.client.store.request_cancel(
+            self.client.namespace, self.id, self.run_id, reason, self.client.clock.now()
+        )
+
+    async def terminate(self, reason: str = "") -> None:
+        """End the workflow at once, without running any more of its code."""
+        await self.client.store.terminate_run(
+            self.client.namespace,
+            self.id,
+            self.run_id,
+            reason or "terminated",
+            self.client.clock.now(),
         )
 
 

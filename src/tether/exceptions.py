@@ -7,13 +7,16 @@ The hierarchy, drawn once::
     │   ├── ApplicationError         raised by user code; controls retries
     │   ├── TimeoutFailure           an activity ran out of time (start_to_close, heartbeat, ...)
     │   ├── ActivityError            an activity failed for good; ``cause`` says why
-    │   └── WorkflowFailureError     client side: the workflow run failed; ``cause`` says why
+    │   ├── WorkflowFailureError     client side: the workflow run failed; ``cause`` says why
+    │   ├── UpdateFailedError        the update was rejected or its handler raised
+    │   └── QueryFailedError         the query handler raised, or there is no such query
     ├── NondeterminismError          replayed workflow code did not match its history
     ├── PayloadError                 a value cannot be serialized, or is too large
     ├── WorkflowAlreadyStartedError  a run with that workflow id is still running
     ├── WorkflowNotFoundError        no run with that id
     ├── UnknownWorkflowTypeError     no worker on the task queue knows that workflow type
     ├── InvalidArgumentError         a call was made with arguments that cannot work
+    ├── NoWorkerResponseError        no worker answered a query or update in time
     └── StoreError                   the store could not complete the call
         └── StaleTaskError           the task's lease was lost to another worker
 
@@ -117,6 +120,18 @@ class WorkflowFailureError(FailureError):
         super().__init__(message, cause=cause)
         self.workflow_id = workflow_id
         self.run_id = run_id
+
+
+class UpdateFailedError(FailureError):
+    """An update was rejected (validator, unknown name, bad arguments) or its handler raised."""
+
+
+class QueryFailedError(FailureError):
+    """A query could not be answered: unknown name, bad arguments, or the handler raised."""
+
+
+class NoWorkerResponseError(TetherError, TimeoutError):
+    """No worker for the workflow's task queue answered in time (is one running?)."""
 
 
 class NondeterminismError(TetherError):

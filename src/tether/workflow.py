@@ -14,33 +14,49 @@ import logging
 import random as _random
 import uuid as _uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 from tether._runtime.definitions import (
+    HANDLER_ATTR,
     RUN_ATTR,
+    VALIDATOR_ATTR,
     WORKFLOW_ATTR,
     activity_definition,
     make_workflow_definition,
 )
-from tether._runtime.instance import BUG_EXCEPTION_TYPES, WorkflowInfo, WorkflowInstance
+from tether._runtime.instance import (
+    BUG_EXCEPTION_TYPES,
+    ContinueAsNew,
+    WorkflowInfo,
+    WorkflowInstance,
+)
 from tether.common import Duration, RetryPolicy, to_seconds
 from tether.exceptions import InvalidArgumentError
 
 __all__ = [
     "BUG_EXCEPTION_TYPES",
     "WorkflowInfo",
+    "all_handlers_finished",
+    "continue_as_new",
     "defn",
+    "deprecate_patch",
     "execute_activity",
     "in_workflow",
     "info",
+    "is_cancel_requested",
     "logger",
     "now",
+    "patched",
+    "query",
     "random",
     "run",
+    "signal",
     "sleep",
     "start_activity",
     "time",
+    "update",
     "uuid4",
+    "wait_condition",
 ]
 
 C = TypeVar("C", bound=type)
@@ -80,6 +96,44 @@ def run(fn: F) -> F:
     """Mark the ``async def`` method that runs the workflow."""
     setattr(fn, RUN_ATTR, True)
     return fn
+
+
+def _handler_decorator(kind: str, fn: F | None, name: str | None) -> Any:
+    def decorate(f: F) -> F:
+        setattr(f, HANDLER_ATTR, (kind, name or f.__name__))
+        if kind == "update":
+
+            def validator(check: Callable[..., None]) -> Callable[..., None]:
+                setattr(f, VALIDATOR_ATTR, check)
+                return check
+
+            f.validator = validator  # type: ignore[attr-defined]
+        return f
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def signal(fn: F | None = None, *, name: str | None = None) -> Any:
+    """Mark a method (``def`` or ``async def``) as the handler of signal ``name``.
+
+    Signals are recorded in history and delivered in the order received, even if the
+    workflow was not running on any worker when they were sent.
+    """
+    return _handler_decorator("signal", fn, name)
+
+
+def query(fn: F | None = None, *, name: str | None = None) -> Any:
+    """Mark a plain ``def`` method as the handler of query ``name``: it reads state only."""
+    return _handler_decorator("query", fn, name)
+
+
+def update(fn: F | None = None, *, name: str | None = None) -> Any:
+    """Mark a method as the handler of update ``name``; the caller gets its return value.
+
+    Decorate a method with ``@<handler>.validator`` to check the arguments first: if it
+    raises, the update is rejected and leaves no trace in history.
+    """
+    return _handler_decorator("update", fn, name)
 
 
 def _instance() -> WorkflowInstance:
@@ -200,6 +254,52 @@ async def execute_activity(
         result_type=result_type,
     )
     return await fut
+
+
+async def wait_condition(condition: Callable[[], bool], *, timeout: Duration | None = None) -> None:
+    """Wait until ``condition()`` is true (checked whenever the workflow has run).
+
+    With ``timeout``, raises ``TimeoutError`` when it passes first (a durable timer).
+    """
+    fut = _instance().wait_condition(condition)
+    seconds = to_seconds(timeout, "timeout")
+    if seconds is None:
+        await fut
+    else:
+        await asyncio.wait_for(fut, seconds)
+
+
+def all_handlers_finished() -> bool:
+    """Whether no signal or update handler is still running (wait for it before returning)."""
+    return _instance().all_handlers_finished()
+
+
+def continue_as_new(*args: Any) -> NoReturn:
+    """End this run and start the workflow afresh with ``args``: same id, empty history.
+
+    Signals and updates this run has not handled yet move to the new run.
+    """
+    _instance()
+    raise ContinueAsNew(args)
+
+
+def patched(patch_id: str) -> bool:
+    """Branch new code from old without breaking runs in flight.
+
+    Returns True for runs that reach this point on new code (recording a marker in
+    history) and False when replaying a run that passed this point on old code.
+    """
+    return _instance().patched(patch_id, deprecated=False)
+
+
+def deprecate_patch(patch_id: str) -> None:
+    """Once no run on the old path remains: keep replaying runs that recorded the patch."""
+    _instance().patched(patch_id, deprecated=True)
+
+
+def is_cancel_requested() -> bool:
+    """Whether someone asked this workflow to cancel."""
+    return _instance().cancel_requested
 
 
 class _ReplayQuietLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

@@ -13,6 +13,21 @@ from tether.exceptions import InvalidArgumentError
 WORKFLOW_ATTR = "__tether_workflow__"
 ACTIVITY_ATTR = "__tether_activity__"
 RUN_ATTR = "__tether_run__"
+HANDLER_ATTR = "__tether_handler__"
+"""Set on signal/query/update methods: (kind, name)."""
+VALIDATOR_ATTR = "__tether_validator__"
+
+
+@dataclass(frozen=True)
+class HandlerDefinition:
+    kind: str
+    """``signal``, ``query`` or ``update``."""
+    name: str
+    method: str
+    arg_hints: list[Any]
+    return_hint: Any
+    is_async: bool
+    validator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -23,6 +38,16 @@ class WorkflowDefinition:
     arg_hints: list[Any]
     return_hint: Any
     failure_exception_types: tuple[type[BaseException], ...]
+    signals: dict[str, HandlerDefinition]
+    queries: dict[str, HandlerDefinition]
+    updates: dict[str, HandlerDefinition]
+
+    def handler_names(self) -> dict[str, list[str]]:
+        return {
+            "signals": sorted(self.signals),
+            "queries": sorted(self.queries),
+            "updates": sorted(self.updates),
+        }
 
 
 @dataclass(frozen=True)
@@ -53,6 +78,33 @@ def make_workflow_definition(
             f"{cls.__qualname__}.{runs[0]} must be 'async def' to be a workflow run method"
         )
     arg_hints, return_hint = signature_hints(run, skip_self=True)
+    handlers: dict[str, dict[str, HandlerDefinition]] = {"signal": {}, "query": {}, "update": {}}
+    for attr in dir(cls):
+        value = getattr(cls, attr, None)
+        marker = getattr(value, HANDLER_ATTR, None)
+        if marker is None or not callable(value):
+            continue
+        kind, handler_name = marker
+        if handler_name in handlers[kind]:
+            raise InvalidArgumentError(
+                f"workflow class {cls.__qualname__} has two {kind} handlers named {handler_name!r}"
+            )
+        if kind == "query" and inspect.iscoroutinefunction(value):
+            raise InvalidArgumentError(
+                f"query handler {cls.__qualname__}.{attr} must be a plain 'def': queries "
+                "read state and cannot wait"
+            )
+        validator = getattr(value, VALIDATOR_ATTR, None)
+        hints, ret = signature_hints(value, skip_self=True)
+        handlers[kind][handler_name] = HandlerDefinition(
+            kind=kind,
+            name=handler_name,
+            method=attr,
+            arg_hints=hints,
+            return_hint=ret,
+            is_async=inspect.iscoroutinefunction(value),
+            validator=validator.__name__ if validator is not None else None,
+        )
     return WorkflowDefinition(
         name=name or cls.__name__,
         cls=cls,
@@ -60,6 +112,9 @@ def make_workflow_definition(
         arg_hints=arg_hints,
         return_hint=return_hint,
         failure_exception_types=failure_exception_types,
+        signals=handlers["signal"],
+        queries=handlers["query"],
+        updates=handlers["update"],
     )
 
 

@@ -20,8 +20,10 @@ import functools
 import itertools
 import logging
 import os
+import secrets
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -41,16 +43,25 @@ from tether._store.base import (
     ACTIVITY_COMPLETED,
     ACTIVITY_FAILED,
     ACTIVITY_SCHEDULED,
+    CANCELLED,
     COMPLETED,
+    CONTINUED_AS_NEW,
     FAILED,
     TIMER_CANCELLED,
     TIMER_STARTED,
+    UPDATE_ACCEPTED,
+    UPDATE_COMPLETED,
+    WORKFLOW_CANCELLED,
     WORKFLOW_COMPLETED,
+    WORKFLOW_CONTINUED_AS_NEW,
     WORKFLOW_FAILED,
     ActivityTask,
     NewActivity,
+    NewRun,
+    QueryTask,
     RunClose,
     Store,
+    UpdateState,
     WorkflowTask,
     WorkflowTaskCompletion,
 )
@@ -125,6 +136,7 @@ class Engine:
         )
         self._cache: collections.OrderedDict[str, WorkflowInstance] = collections.OrderedDict()
         self._workflow_tasks: dict[asyncio.Task[None], WorkflowTask] = {}
+        self._query_tasks: set[asyncio.Task[None]] = set()
         self._activity_tasks: dict[asyncio.Task[None], ActivityTask] = {}
         self._activity_slots_reserved = 0
         self._loops: list[asyncio.Task[None]] = []
@@ -135,19 +147,13 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         now = self.clock.now()
-        await self.store.register_worker(
-            self.task_queue,
-            self.identity,
-            sorted(self.workflows),
-            sorted(self.activities),
-            now,
-        )
+        await self._register(now)
         # A restart with the same identity takes back its own work at once instead
         # of waiting for its old leases to lapse.
         await self.store.release_leases(self.identity, now)
         loops: list[Callable[[], Coroutine[Any, Any, None]]] = [self._timer_loop, self._lease_loop]
         if self.workflows:
-            loops.append(self._workflow_loop)
+            loops += [self._workflow_loop, self._query_loop]
         if self.activities:
             loops.append(self._activity_loop)
         self._loops = [asyncio.create_task(fn(), name=f"tether {fn.__name__}") for fn in loops]
@@ -220,6 +226,12 @@ class Engine:
             if delay is not None:
                 await self._wait(waiter, delay)
 
+    async def _register(self, now: float) -> None:
+        handlers = {name: d.handler_names() for name, d in self.workflows.items()}
+        await self.store.register_worker(
+            self.task_queue, self.identity, handlers, sorted(self.activities), now
+        )
+
     async def _persist(self, call: Callable[[], Awaitable[T]]) -> T:
         """Record an outcome, retrying transient store errors while the lease lasts.
 
@@ -260,7 +272,7 @@ class Engine:
 
     def _take_instance(self, task: WorkflowTask) -> WorkflowInstance | None:
         inst = self._cache.pop(task.run_id, None)
-        if inst is not None and inst.task_version != task.task_version:
+        if inst is not None and (inst.task_version != task.task_version or inst.poisoned):
             inst.evict()  # another worker advanced this run; rebuild from history
             return None
         return inst
@@ -284,8 +296,9 @@ class Engine:
                 self.stats["replays"] += 1
             else:
                 events = await self.store.read_history(task.run_id, inst.last_seq)
+            updates = await self.store.pending_updates(task.run_id) if task.has_updates else []
             now = self.clock.now()
-            commands = inst.apply(events, now)
+            commands = inst.apply(events, now, updates=updates)
         except StoreError as e:
             if inst is not None:
                 inst.evict()
@@ -318,7 +331,9 @@ class Engine:
         if result.more_work:
             self._wake()
 
-    def _new_instance(self, task: WorkflowTask, start_time: float, started: dict[str, Any]) -> Any:
+    def _new_instance(
+        self, task: WorkflowTask | QueryTask, start_time: float, started: dict[str, Any]
+    ) -> Any:
         defn = self.workflows.get(task.workflow_type)
         info = WorkflowInfo(
             namespace=task.namespace,
@@ -363,6 +378,7 @@ class Engine:
         completion = WorkflowTaskCompletion(
             task=task, events=commands, inputs_through=inst.last_seq
         )
+        updates: dict[str, UpdateState] = {}
         for event_type, data in commands:
             if event_type == ACTIVITY_SCHEDULED:
                 completion.activities.append(
@@ -384,6 +400,34 @@ class Engine:
                 completion.close = RunClose(status=COMPLETED, result=data["result"])
             elif event_type == WORKFLOW_FAILED:
                 completion.close = RunClose(status=FAILED, failure=data["failure"])
+            elif event_type == WORKFLOW_CANCELLED:
+                completion.close = RunClose(status=CANCELLED, failure=data["failure"])
+            elif event_type == WORKFLOW_CONTINUED_AS_NEW:
+                completion.close = RunClose(status=CONTINUED_AS_NEW)
+                completion.continue_as_new = NewRun(
+                    namespace=task.namespace,
+                    workflow_id=task.workflow_id,
+                    run_id=str(uuid.uuid4()),
+                    workflow_type=task.workflow_type,
+                    task_queue=inst.info.task_queue,
+                    args=data["args"],
+                    request_id=secrets.token_hex(16),
+                    seed=secrets.randbits(63),
+                    now=now,
+                )
+            elif event_type == UPDATE_ACCEPTED:
+                updates[data["update_id"]] = UpdateState(task.run_id, data["update_id"], "accepted")
+            elif event_type == UPDATE_COMPLETED:
+                updates[data["update_id"]] = UpdateState(
+                    task.run_id,
+                    data["update_id"],
+                    "completed",
+                    data.get("result"),
+                    data.get("failure"),
+                )
+        for update_id, failure in inst.rejected_updates:
+            updates[update_id] = UpdateState(task.run_id, update_id, "rejected", failure=failure)
+        completion.updates = list(updates.values())
         reserved = 0
         if completion.activities and self.activities and not self._stopping:
             eligible = sum(
@@ -397,6 +441,50 @@ class Engine:
         completion.eager_activity_limit = reserved
         completion.activity_lease_until = now + self.lease_duration
         return completion, reserved
+
+    # -- queries -----------------------------------------------------------------------
+    async def _query_loop(self) -> None:
+        batch = 50
+
+        async def step() -> float | None:
+            now = self.clock.now()
+            queries = await self.store.claim_queries(
+                self.task_queue, self.identity, batch, now + self.lease_duration, now
+            )
+            for query in queries:
+                t = asyncio.create_task(self._answer_query(query))
+                self._query_tasks.add(t)
+                t.add_done_callback(self._query_tasks.discard)
+            return None if len(queries) == batch else _IDLE_POLL
+
+        await self._guarded("query", step)
+
+    async def _answer_query(self, query: QueryTask) -> None:
+        """Answer from the cached instance, or from one rebuilt by replay (closed runs too)."""
+        result: Any = None
+        failure: dict[str, Any] | None = None
+        inst = self._cache.get(query.run_id)
+        rebuilt = inst is None or inst.poisoned
+        try:
+            if rebuilt:
+                events = await self.store.read_history(query.run_id)
+                inst = self._new_instance(query, events[0].time, events[0].data)
+                inst.apply(events, self.clock.now(), activate_new=False)
+            assert inst is not None
+            result = inst.query(query.name, query.args)
+        except WorkflowTaskFailure as e:
+            failure = to_failure(e.__cause__ or e)
+        except StoreError:
+            return  # the query's lease lapses and it is answered later
+        except Exception as e:
+            failure = to_failure(e)
+        finally:
+            if rebuilt and inst is not None:
+                inst.evict()
+        try:
+            await self.store.answer_query(query, result, failure)
+        except StoreError as e:
+            logger.info("query answer not recorded: %s", e)
 
     # -- activities --------------------------------------------------------------------
     def _free_activity_slots(self) -> int:
@@ -671,9 +759,7 @@ class Engine:
                 now + self.lease_duration,
                 now,
             )
-            await self.store.register_worker(
-                self.task_queue, self.identity, sorted(self.workflows), sorted(self.activities), now
-            )
+            await self._register(now)
             failing = []
             for task in await self.store.expired_activity_tasks(now, 500):
                 if task.cancel_requested:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import inspect
 import logging
 import random
 import uuid
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tether._runtime.definitions import WorkflowDefinition
+from tether._runtime.definitions import HandlerDefinition, WorkflowDefinition
 from tether._runtime.failures import from_failure, to_failure
 from tether._store.base import (
     ACTIVITY_CANCEL_REQUESTED,
@@ -32,17 +33,26 @@ from tether._store.base import (
     ACTIVITY_SCHEDULED,
     COMMAND_EVENTS,
     INBOUND_EVENTS,
+    MARKER_RECORDED,
+    SIGNAL_RECEIVED,
     TIMER_CANCELLED,
     TIMER_FIRED,
     TIMER_STARTED,
+    UPDATE_ACCEPTED,
+    UPDATE_COMPLETED,
+    WORKFLOW_CANCEL_REQUESTED,
+    WORKFLOW_CANCELLED,
     WORKFLOW_COMPLETED,
+    WORKFLOW_CONTINUED_AS_NEW,
     WORKFLOW_FAILED,
     WORKFLOW_STARTED,
     WORKFLOW_TASK_COMPLETED,
     Event,
+    UpdateRequest,
 )
 from tether.converter import PayloadConverter
 from tether.exceptions import (
+    ApplicationError,
     FailureError,
     InvalidArgumentError,
     NondeterminismError,
@@ -67,6 +77,17 @@ BUG_EXCEPTION_TYPES: tuple[type[BaseException], ...] = (
     InvalidArgumentError,
     NondeterminismError,
 )
+
+
+STACK_TRACE_QUERY = "__stack_trace"
+
+
+class ContinueAsNew(BaseException):
+    """Raised by ``workflow.continue_as_new``: end this run and start it afresh."""
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        super().__init__("continue as new")
+        self.args_ = args
 
 
 class WorkflowTaskFailure(Exception):
@@ -142,6 +163,16 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._block: list[Event] = []
         self._main: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._handler_error: BaseException | None = None
+        self._conditions: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
+        self._block_inputs: list[Event] = []
+        self._replay_expected: list[Event] = []
+        self._patches: dict[str, bool] = {}
+        self.rejected_updates: list[tuple[str, dict[str, Any]]] = []
+        self.cancel_requested = False
+        self.poisoned = False
+        """A query changed state: the instance must not be used for tasks any more."""
         self._random = random.Random(0)
         self._evicted = False
         self.workflow_object: Any = None
@@ -152,12 +183,22 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._committed = (first_seq, last_seq)
 
     # -- driving the instance ---------------------------------------------------
-    def apply(self, events: list[Event], now: float, *, activate_new: bool = True) -> list[Command]:
+    def apply(
+        self,
+        events: list[Event],
+        now: float,
+        *,
+        activate_new: bool = True,
+        updates: list[UpdateRequest] | None = None,
+    ) -> list[Command]:
         """Apply history events after ``last_seq``; return the commands of the new activation.
 
-        Raises ``WorkflowTaskFailure`` for a bug or a nondeterminism; the instance is then
-        unusable and must be dropped.
+        ``updates`` are update requests to validate in the new activation: accepted ones
+        come first in the returned commands (as ``UpdateAccepted``), rejected ones are
+        left in ``rejected_updates``. Raises ``WorkflowTaskFailure`` for a bug or a
+        nondeterminism; the instance is then unusable and must be dropped.
         """
+        self.rejected_updates = []
         skip_from, skip_to = self._committed
         for event in events:
             if event.seq <= self.last_seq:
@@ -167,6 +208,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 continue  # this worker committed that block itself and is already past it
             if event.type in INBOUND_EVENTS:
                 self._undelivered.append(event)
+            elif event.type == UPDATE_ACCEPTED:
+                self._block_inputs.append(event)
             elif event.type in COMMAND_EVENTS:
                 self._block.append(event)
             elif event.type == WORKFLOW_TASK_COMPLETED:
@@ -178,21 +221,30 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 "history ends with commands that no workflow task completed",
                 NondeterminismError("history has an unterminated block of commands"),
             )
-        if not self._undelivered or self.closed or not activate_new:
+        if not activate_new or (not self._undelivered and not updates):
+            return []
+        if self.closed:
+            self.rejected_updates = [
+                (u.update_id, _rejection("the workflow has already closed")) for u in updates or ()
+            ]
             return []
         inbound, self._undelivered = self._undelivered, []
         self.replaying = False
-        self._activate(inbound, now)
+        self._replay_expected = []
+        accepted: list[Command] = []
+        self._activate(inbound, now, lambda: self._accept_updates(updates or [], accepted))
         commands, self._commands = self._commands, []
-        return commands
+        return accepted + commands
 
     def _replay_block(self, marker: Event) -> None:
         through = marker.data["inputs_through"]
         inbound = [e for e in self._undelivered if e.seq <= through]
         self._undelivered = [e for e in self._undelivered if e.seq > through]
         expected, self._block = self._block, []
+        accepted, self._block_inputs = self._block_inputs, []
         self.replaying = True
-        self._activate(inbound, marker.time)
+        self._replay_expected = expected
+        self._activate(inbound + accepted, marker.time)
         produced, self._commands = self._commands, []
         self._check_block(expected, produced, marker)
         self.task_version += 1
@@ -222,10 +274,19 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             )
             raise WorkflowTaskFailure(str(error), error)
 
-    def _activate(self, inbound: list[Event], now: float) -> None:
+    def _activate(
+        self, inbound: list[Event], now: float, then: Callable[[], None] | None = None
+    ) -> None:
         self._now = now
-        for event in inbound:
-            self._deliver(event)
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            for event in inbound:
+                self._deliver(event)
+            if then is not None:
+                then()
+        finally:
+            asyncio.events._set_running_loop(previous)
         self._run_until_idle()
         self._check_main()
 
@@ -238,6 +299,17 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             timer = self._timers.pop(data["seq"], None)
             if timer is not None and not timer.cancelled():
                 self._ready.append(timer)
+        elif event.type == SIGNAL_RECEIVED:
+            self._handle_signal(data["name"], data["args"])
+        elif event.type == UPDATE_ACCEPTED:
+            handler = self.defn.updates.get(data["name"])
+            if handler is not None:
+                args = self.converter.decode_args(data["args"], handler.arg_hints, "update")
+                self._start_update(data["update_id"], handler, args)
+        elif event.type == WORKFLOW_CANCEL_REQUESTED:
+            self.cancel_requested = True
+            if self._main is not None and not self._main.done():
+                self._main.cancel(msg=data.get("reason") or "workflow cancelled")
         elif event.type in (ACTIVITY_COMPLETED, ACTIVITY_FAILED):
             entry = self._activities.pop(data["seq"], None)
             if entry is None:
@@ -266,12 +338,30 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
     def _check_main(self) -> None:
         main = self._main
+        handler_error = self._handler_error
+        if handler_error is not None and not self.closed:
+            self._handler_error = None
+            if self._is_failure(handler_error):
+                self._close(WORKFLOW_FAILED, {"failure": to_failure(handler_error)})
+                return
+            raise WorkflowTaskFailure(
+                f"a signal handler failed with {type(handler_error).__name__}: {handler_error}",
+                handler_error,
+            )
         if main is None or not main.done() or self.closed:
             return
         if main.cancelled():
-            self._close(WORKFLOW_FAILED, {"failure": _cancelled_failure()})
+            self._close(WORKFLOW_CANCELLED, {"failure": _cancelled_failure()})
             return
         error = main.exception()
+        if isinstance(error, ContinueAsNew):
+            try:
+                args = self.converter.encode_args(error.args_, "continue_as_new")
+            except PayloadError as e:
+                self._close(WORKFLOW_FAILED, {"failure": to_failure(e)})
+                return
+            self._close(WORKFLOW_CONTINUED_AS_NEW, {"args": args})
+            return
         if error is None:
             try:
                 result = self.converter.encode(main.result(), "workflow result")
@@ -300,12 +390,184 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         previous = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self)
         try:
-            while self._ready:
-                handle = self._ready.popleft()
-                if not handle._cancelled:
-                    handle._run()
+            while True:
+                while self._ready:
+                    handle = self._ready.popleft()
+                    if not handle._cancelled:
+                        handle._run()
+                if not self._check_conditions():
+                    break
         finally:
             asyncio.events._set_running_loop(previous)
+
+    def _check_conditions(self) -> bool:
+        """Resolve ``wait_condition`` waiters whose condition holds; True if any did."""
+        progressed = False
+        for entry in list(self._conditions):
+            condition, fut = entry
+            if fut.done():
+                self._conditions.remove(entry)
+            elif condition():
+                fut.set_result(True)
+                self._conditions.remove(entry)
+                progressed = True
+        return progressed
+
+    # -- handlers: signals, updates, queries --------------------------------------
+    def _handle_signal(self, name: str, args: list[Any]) -> None:
+        handler = self.defn.signals.get(name)
+        if handler is None:
+            if not self.replaying:
+                logger.warning(
+                    "workflow %s (%s) has no signal handler %r; signal dropped",
+                    self.info.workflow_type,
+                    self.info.workflow_id,
+                    name,
+                )
+            return
+        try:
+            decoded = self.converter.decode_args(args, handler.arg_hints, f"signal {name!r}")
+        except PayloadError as e:
+            if not self.replaying:
+                logger.warning("signal %r to %s dropped: %s", name, self.info.workflow_id, e)
+            return
+        method = getattr(self.workflow_object, handler.method)
+        self._track(self.create_task(self._guard_handler(method, decoded), name=f"signal {name}"))
+
+    async def _guard_handler(self, method: Callable[..., Any], args: list[Any]) -> None:
+        try:
+            result = method(*args)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._handler_error = e
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    def all_handlers_finished(self) -> bool:
+        return not self._handlers
+
+    def _accept_updates(self, requests: list[UpdateRequest], accepted: list[Command]) -> None:
+        for request in requests:
+            handler = self.defn.updates.get(request.name)
+            try:
+                if handler is None:
+                    raise ApplicationError(
+                        f"workflow {self.defn.name} has no update handler {request.name!r} "
+                        f"(it has: {', '.join(sorted(self.defn.updates)) or 'none'})",
+                        type="UnknownUpdate",
+                    )
+                args = self.converter.decode_args(
+                    request.args, handler.arg_hints, f"update {request.name!r}"
+                )
+                if handler.validator is not None:
+                    getattr(self.workflow_object, handler.validator)(*args)
+            except Exception as e:
+                self.rejected_updates.append((request.update_id, to_failure(e)))
+                continue
+            accepted.append(
+                (
+                    UPDATE_ACCEPTED,
+                    {"update_id": request.update_id, "name": request.name, "args": request.args},
+                )
+            )
+            self._start_update(request.update_id, handler, args)
+
+    def _start_update(self, update_id: str, handler: HandlerDefinition, args: list[Any]) -> None:
+        method = getattr(self.workflow_object, handler.method)
+
+        async def run() -> None:
+            try:
+                result = method(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+                data = {"update_id": update_id, "result": self.converter.encode(result, "update")}
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                data = {"update_id": update_id, "failure": to_failure(e)}
+            self._command(UPDATE_COMPLETED, data)
+
+        self._track(self.create_task(run(), name=f"update {handler.name}"))
+
+    def query(self, name: str, args: list[Any]) -> Any:
+        """Run a query handler against the current state; returns the encoded answer."""
+        if name == STACK_TRACE_QUERY:
+            return self.stack_trace()
+        handler = self.defn.queries.get(name)
+        if handler is None:
+            raise ApplicationError(
+                f"workflow {self.defn.name} has no query handler {name!r} "
+                f"(it has: {', '.join(sorted(self.defn.queries)) or 'none'})",
+                type="UnknownQuery",
+            )
+        decoded = self.converter.decode_args(args, handler.arg_hints, f"query {name!r}")
+        before = len(self._commands)
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            result = getattr(self.workflow_object, handler.method)(*decoded)
+        finally:
+            asyncio.events._set_running_loop(previous)
+        if len(self._commands) != before or self._ready:
+            self.poisoned = True
+            raise ApplicationError(
+                f"query handler {name!r} tried to change the workflow (schedule work or "
+                "wake tasks); queries must only read state",
+                type="QueryChangedState",
+            )
+        return self.converter.encode(result, f"query {name!r} result")
+
+    def stack_trace(self) -> str:
+        """Where each coroutine of the workflow is waiting, outermost call first."""
+        parts = []
+        for task in sorted(self._tasks, key=lambda t: t.get_name()):
+            if task.done():
+                continue
+            lines = [f"{task.get_name()}:"]
+            coro: Any = task.get_coro()
+            while coro is not None:
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is not None:
+                    code = frame.f_code
+                    lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+            parts.append("\n".join(lines))
+        return "\n\n".join(parts) or "(no coroutine is waiting)"
+
+    def wait_condition(self, condition: Callable[[], bool]) -> asyncio.Future[bool]:
+        fut: asyncio.Future[bool] = self.create_future()
+        self._conditions.append((condition, fut))
+        return fut
+
+    def patched(self, patch_id: str, deprecated: bool) -> bool:
+        """Whether this run takes the code path of patch ``patch_id`` (see workflow.patched)."""
+        known = self._patches.get(patch_id)
+        if known is not None:
+            return known
+        marker: Command = (MARKER_RECORDED, {"patch_id": patch_id})
+        if self.replaying:
+            position = len(self._commands)
+            expected = self._replay_expected
+            upcoming = expected[position] if position < len(expected) else None
+            if (
+                upcoming is not None
+                and upcoming.type == MARKER_RECORDED
+                and upcoming.data.get("patch_id") == patch_id
+            ):
+                self._commands.append(marker)
+                self._patches[patch_id] = True
+                return True
+            self._patches[patch_id] = deprecated
+            return deprecated
+        if not deprecated:
+            self._command(*marker)
+        self._patches[patch_id] = True
+        return True
 
     def evict(self) -> None:
         """Drop the workflow's coroutines without letting them emit anything."""
@@ -480,6 +742,9 @@ def _matches(event: Event, command: Command) -> bool:
     event_type, data = command
     if event.type != event_type:
         return False
+    for key in ("update_id", "patch_id"):
+        if key in data:
+            return bool(event.data.get(key) == data[key])
     if event_type == ACTIVITY_SCHEDULED:
         return bool(
             event.data["seq"] == data["seq"]
@@ -501,7 +766,11 @@ def _describe(event_type: str, data: dict[str, Any]) -> str:
 
 
 def _cancelled_failure() -> dict[str, Any]:
-    return {"kind": "application", "type": "CancelledError", "message": "workflow was cancelled"}
+    return {"kind": "cancelled", "type": "CancelledError", "message": "the workflow was cancelled"}
+
+
+def _rejection(message: str) -> dict[str, Any]:
+    return {"kind": "application", "type": "UpdateRejected", "message": message}
 
 
 __all__ = [

@@ -21,7 +21,22 @@ WORKFLOW_STARTED = "WorkflowStarted"
 ACTIVITY_COMPLETED = "ActivityCompleted"
 ACTIVITY_FAILED = "ActivityFailed"
 TIMER_FIRED = "TimerFired"
-INBOUND_EVENTS = frozenset({WORKFLOW_STARTED, ACTIVITY_COMPLETED, ACTIVITY_FAILED, TIMER_FIRED})
+SIGNAL_RECEIVED = "SignalReceived"
+WORKFLOW_CANCEL_REQUESTED = "WorkflowCancelRequested"
+INBOUND_EVENTS = frozenset(
+    {
+        WORKFLOW_STARTED,
+        ACTIVITY_COMPLETED,
+        ACTIVITY_FAILED,
+        TIMER_FIRED,
+        SIGNAL_RECEIVED,
+        WORKFLOW_CANCEL_REQUESTED,
+    }
+)
+
+# Written by the workflow task that accepted an update; replay delivers it at the
+# start of that task's activation, after its inbound events.
+UPDATE_ACCEPTED = "UpdateAccepted"
 
 ACTIVITY_SCHEDULED = "ActivityScheduled"
 ACTIVITY_CANCEL_REQUESTED = "ActivityCancelRequested"
@@ -29,6 +44,10 @@ TIMER_STARTED = "TimerStarted"
 TIMER_CANCELLED = "TimerCancelled"
 WORKFLOW_COMPLETED = "WorkflowCompleted"
 WORKFLOW_FAILED = "WorkflowFailed"
+WORKFLOW_CANCELLED = "WorkflowCancelled"
+WORKFLOW_CONTINUED_AS_NEW = "WorkflowContinuedAsNew"
+UPDATE_COMPLETED = "UpdateCompleted"
+MARKER_RECORDED = "MarkerRecorded"
 COMMAND_EVENTS = frozenset(
     {
         ACTIVITY_SCHEDULED,
@@ -37,8 +56,15 @@ COMMAND_EVENTS = frozenset(
         TIMER_CANCELLED,
         WORKFLOW_COMPLETED,
         WORKFLOW_FAILED,
+        WORKFLOW_CANCELLED,
+        WORKFLOW_CONTINUED_AS_NEW,
+        UPDATE_COMPLETED,
+        MARKER_RECORDED,
     }
 )
+
+# Appended by the store itself when a run is ended from outside.
+WORKFLOW_TERMINATED = "WorkflowTerminated"
 
 # Closes each workflow task's block of command events; records which inbound
 # events the task had seen and the workflow time it ran at, for replay.
@@ -47,7 +73,10 @@ WORKFLOW_TASK_COMPLETED = "WorkflowTaskCompleted"
 RUNNING = "running"
 COMPLETED = "completed"
 FAILED = "failed"
-STATUSES = (RUNNING, COMPLETED, FAILED)
+CANCELLED = "cancelled"
+TERMINATED = "terminated"
+CONTINUED_AS_NEW = "continued_as_new"
+STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED, TERMINATED, CONTINUED_AS_NEW)
 
 
 @dataclass(slots=True)
@@ -69,13 +98,52 @@ class NewRun:
     request_id: str
     seed: int
     now: float
+    conflict_policy: str = "fail"
+    """While the id runs: ``fail``, ``use_existing`` or ``terminate_existing``."""
+    reuse_policy: str = "allow_duplicate"
+    """After the id closed: ``allow_duplicate``, ``allow_duplicate_failed_only`` or
+    ``reject_duplicate``."""
+    signal: tuple[str, list[Any]] | None = None
+    """Signal-with-start: deliver this signal to the new or running run, atomically."""
+    update: UpdateRequest | None = None
+    """Update-with-start: request this update on the new or running run, atomically."""
+
+
+@dataclass(slots=True)
+class UpdateRequest:
+    update_id: str
+    name: str
+    args: list[Any]
+
+
+@dataclass(slots=True)
+class UpdateState:
+    run_id: str
+    update_id: str
+    state: str
+    """``requested``, ``accepted``, ``completed`` or ``rejected``."""
+    result: Any = None
+    failure: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
 class StartOutcome:
     run_id: str
     created: bool
-    """False when the call repeated an earlier start with the same request id."""
+    """False when the call repeated an earlier start with the same request id, or
+    joined a running run (``use_existing``)."""
+
+
+@dataclass(slots=True)
+class QueryTask:
+    query_id: str
+    run_id: str
+    workflow_id: str
+    workflow_type: str
+    namespace: str
+    name: str
+    args: list[Any]
+    token: str
 
 
 @dataclass(slots=True)
@@ -107,6 +175,8 @@ class WorkflowTask:
     task_version: int
     """Workflow tasks completed so far; the completion must find it unchanged."""
     history_length: int
+    has_updates: bool = False
+    """Update requests wait for this run: read them with ``pending_updates``."""
 
 
 @dataclass(slots=True)
@@ -158,6 +228,10 @@ class WorkflowTaskCompletion:
     eager_activity_limit: int = 0
     """Claim up to this many of the new activity tasks for the completing worker."""
     activity_lease_until: float = 0.0
+    updates: list[UpdateState] = field(default_factory=list)
+    """Update requests this task accepted, rejected or completed."""
+    continue_as_new: NewRun | None = None
+    """The run that continues this one (with ``close`` set to ``continued_as_new``)."""
 
 
 @dataclass(slots=True)
@@ -295,15 +369,92 @@ class Store(abc.ABC):
         self,
         task_queue: str,
         identity: str,
-        workflow_types: list[str],
+        workflow_types: dict[str, dict[str, list[str]]],
         activity_types: list[str],
         now: float,
     ) -> None:
-        """Record which types a worker serves on a task queue."""
+        """Record which workflow types (with their handler names) and activities a worker
+        serves on a task queue."""
 
     @abc.abstractmethod
-    async def workflow_types_served(self, task_queue: str, since: float) -> set[str] | None:
-        """Workflow types registered by workers seen since ``since``; None if no worker was."""
+    async def workflows_served(
+        self, task_queue: str, since: float
+    ) -> dict[str, dict[str, list[str]]] | None:
+        """Workflow types (with their signal/query/update names) registered by workers seen
+        since ``since``; None if no worker was."""
+
+    # -- messages and lifecycle -------------------------------------------------
+    @abc.abstractmethod
+    async def signal_run(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        name: str,
+        args: list[Any],
+        now: float,
+    ) -> str:
+        """Append a signal to the running run; returns its run id. ``WorkflowNotFoundError``."""
+
+    @abc.abstractmethod
+    async def request_cancel(
+        self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
+    ) -> str:
+        """Ask the running run to cancel (its code sees ``CancelledError``); returns run id."""
+
+    @abc.abstractmethod
+    async def terminate_run(
+        self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
+    ) -> str:
+        """End the running run at once, without running its code; returns its run id."""
+
+    @abc.abstractmethod
+    async def request_update(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        request: UpdateRequest,
+        now: float,
+    ) -> UpdateState:
+        """Ask the run to handle an update, or return the state of the same update id."""
+
+    @abc.abstractmethod
+    async def get_update(self, run_id: str, update_id: str) -> UpdateState | None: ...
+
+    @abc.abstractmethod
+    async def pending_updates(self, run_id: str) -> list[UpdateRequest]:
+        """Update requests not yet accepted or rejected, oldest first."""
+
+    @abc.abstractmethod
+    async def create_query(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        query_id: str,
+        name: str,
+        args: list[Any],
+        now: float,
+    ) -> None:
+        """Queue a query for a worker of the run's task queue (closed runs included)."""
+
+    @abc.abstractmethod
+    async def claim_queries(
+        self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
+    ) -> list[QueryTask]: ...
+
+    @abc.abstractmethod
+    async def answer_query(
+        self, query: QueryTask, result: Any, failure: dict[str, Any] | None
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def take_query_answer(self, query_id: str) -> tuple[bool, Any, dict[str, Any] | None]:
+        """(answered, result, failure); an answered query is removed."""
+
+    @abc.abstractmethod
+    async def drop_query(self, query_id: str) -> None: ...
 
     # -- notifications --------------------------------------------------------
     @abc.abstractmethod

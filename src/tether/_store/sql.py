@@ -19,15 +19,22 @@ from typing import Any, TypeVar
 
 from tether._store.base import (
     COMPLETED,
+    SIGNAL_RECEIVED,
+    TERMINATED,
     TIMER_FIRED,
+    WORKFLOW_CANCEL_REQUESTED,
     WORKFLOW_STARTED,
     WORKFLOW_TASK_COMPLETED,
+    WORKFLOW_TERMINATED,
     ActivityTask,
     Event,
     NewRun,
+    QueryTask,
     RunInfo,
     StartOutcome,
     Store,
+    UpdateRequest,
+    UpdateState,
     WorkflowTask,
     WorkflowTaskCompletion,
     WorkflowTaskResult,
@@ -162,12 +169,40 @@ class SqlStore(Store):
             (run.namespace, run.workflow_id),
         )
         if running is not None:
-            raise WorkflowAlreadyStartedError(
-                f"workflow id {run.workflow_id!r} is already running (run {running[0]}); "
-                "wait for it to close, or start with another id",
-                workflow_id=run.workflow_id,
-                run_id=running[0],
+            if run.conflict_policy == "use_existing":
+                yield from self._deliver_with_start(running[0], run)
+                return StartOutcome(run_id=running[0], created=False)
+            if run.conflict_policy != "terminate_existing":
+                raise WorkflowAlreadyStartedError(
+                    f"workflow id {run.workflow_id!r} is already running (run {running[0]}); "
+                    "wait for it to close, start with another id, or choose a conflict policy",
+                    workflow_id=run.workflow_id,
+                    run_id=running[0],
+                )
+            yield from self._terminate(
+                running[0], f"terminated by a new start of {run.workflow_id!r}", run.now
             )
+        elif run.reuse_policy != "allow_duplicate":
+            last = yield Stmt(
+                ONE,
+                "SELECT run_id, status FROM runs WHERE namespace = ? AND workflow_id = ? "
+                "ORDER BY created_at DESC LIMIT 1",
+                (run.namespace, run.workflow_id),
+            )
+            if last is not None and (
+                run.reuse_policy == "reject_duplicate" or last[1] == COMPLETED
+            ):
+                raise WorkflowAlreadyStartedError(
+                    f"workflow id {run.workflow_id!r} was already used (run {last[0]}, "
+                    f"{last[1]}) and its reuse policy {run.reuse_policy!r} forbids another run",
+                    workflow_id=run.workflow_id,
+                    run_id=last[0],
+                )
+        yield from self._insert_run(run)
+        yield from self._deliver_with_start(run.run_id, run)
+        return StartOutcome(run_id=run.run_id, created=True)
+
+    def _insert_run(self, run: NewRun) -> Op[None]:
         yield Stmt(
             EXEC,
             "INSERT INTO runs (run_id, namespace, workflow_id, workflow_type, task_queue, "
@@ -201,7 +236,15 @@ class SqlStore(Store):
             "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?)",
             (run.run_id, run.task_queue, run.now),
         )
-        return StartOutcome(run_id=run.run_id, created=True)
+
+    def _deliver_with_start(self, run_id: str, run: NewRun) -> Op[None]:
+        if run.signal is not None:
+            name, args = run.signal
+            yield from self._append_inbound(
+                run_id, SIGNAL_RECEIVED, {"name": name, "args": args}, run.now
+            )
+        if run.update is not None:
+            yield from self._request_update(run_id, run.update, run.now)
 
     async def get_run(self, namespace: str, workflow_id: str, run_id: str | None) -> RunInfo:
         def op() -> Op[RunInfo]:
@@ -329,13 +372,15 @@ class SqlStore(Store):
             rows = yield Stmt(
                 ALL,
                 "SELECT t.run_id, r.workflow_id, r.workflow_type, r.namespace, t.attempt, "
-                "r.task_version, r.next_seq FROM workflow_tasks t JOIN runs r "
+                "r.task_version, r.next_seq, EXISTS (SELECT 1 FROM updates u "
+                "WHERE u.run_id = t.run_id AND u.state = 'requested') "
+                "FROM workflow_tasks t JOIN runs r "
                 "ON r.run_id = t.run_id WHERE t.task_queue = ? AND t.visible_at <= ? "
                 f"ORDER BY t.visible_at LIMIT ? {self.dialect.skip_locked('t')}",
                 (task_queue, now, limit),
             )
             tasks = []
-            for run_id, wf_id, wf_type, ns, attempt, version, next_seq in rows:
+            for run_id, wf_id, wf_type, ns, attempt, version, next_seq, updates in rows:
                 token = self._token()
                 yield Stmt(
                     EXEC,
@@ -354,6 +399,7 @@ class SqlStore(Store):
                         attempt=attempt + 1,
                         task_version=version,
                         history_length=next_seq - 1,
+                        has_updates=bool(updates),
                     )
                 )
             return tasks
@@ -461,26 +507,50 @@ class SqlStore(Store):
                 "UPDATE activity_tasks SET cancel_requested = 1 WHERE run_id = ? AND seq = ?",
                 (run_id, seq),
             )
+        if c.updates:
+            yield Stmt(
+                MANY,
+                "UPDATE updates SET state = ?, result = ?, failure = ? "
+                "WHERE run_id = ? AND update_id = ?",
+                [
+                    (
+                        u.state,
+                        dumps(u.result),
+                        dumps(u.failure) if u.failure else None,
+                        run_id,
+                        u.update_id,
+                    )
+                    for u in c.updates
+                ],
+            )
         more_work = False
         if c.close is not None:
+            new_run = c.continue_as_new
             yield Stmt(
                 EXEC,
                 "UPDATE runs SET status = ?, result = ?, failure = ?, closed_at = ?, "
-                "next_seq = ? WHERE run_id = ?",
+                "next_seq = ?, next_run_id = ? WHERE run_id = ?",
                 (
                     c.close.status,
                     dumps(c.close.result) if c.close.status == COMPLETED else None,
                     dumps(c.close.failure) if c.close.failure is not None else None,
                     now,
                     next_seq,
+                    new_run.run_id if new_run is not None else None,
                     run_id,
                 ),
             )
-            for table in ("workflow_tasks", "activity_tasks", "timers"):
-                yield Stmt(EXEC, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            if new_run is not None:
+                yield from self._continue_as_new(run_id, new_run, c.inputs_through)
+            yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})")
         else:
             yield Stmt(EXEC, "UPDATE runs SET next_seq = ? WHERE run_id = ?", (next_seq, run_id))
-            more_work = inbound_seq > c.inputs_through
+            pending_update = yield Stmt(
+                ONE,
+                "SELECT 1 FROM updates WHERE run_id = ? AND state = 'requested' LIMIT 1",
+                (run_id,),
+            )
+            more_work = inbound_seq > c.inputs_through or pending_update is not None
             if more_work:
                 yield Stmt(
                     EXEC,
@@ -495,6 +565,22 @@ class SqlStore(Store):
             history_length=next_seq - 1,
             eager_activities=eager,
             more_work=more_work,
+        )
+
+    def _continue_as_new(self, old_run_id: str, run: NewRun, inputs_through: int) -> Op[None]:
+        """Start the next run; signals and updates the old run had not handled move over."""
+        yield from self._insert_run(run)
+        signals = yield Stmt(
+            ALL,
+            "SELECT data, time FROM history WHERE run_id = ? AND seq > ? AND type = ? ORDER BY seq",
+            (old_run_id, inputs_through, SIGNAL_RECEIVED),
+        )
+        for data, time in signals:
+            yield from self._append_inbound(run.run_id, SIGNAL_RECEIVED, json.loads(data), time)
+        yield Stmt(
+            EXEC,
+            "UPDATE updates SET run_id = ? WHERE run_id = ? AND state = 'requested'",
+            (run.run_id, old_run_id),
         )
 
     async def fail_workflow_task(
@@ -696,7 +782,7 @@ class SqlStore(Store):
         self,
         task_queue: str,
         identity: str,
-        workflow_types: list[str],
+        workflow_types: dict[str, dict[str, list[str]]],
         activity_types: list[str],
         now: float,
     ) -> None:
@@ -712,8 +798,10 @@ class SqlStore(Store):
 
         await self._execute(op(), writes=True)
 
-    async def workflow_types_served(self, task_queue: str, since: float) -> set[str] | None:
-        def op() -> Op[set[str] | None]:
+    async def workflows_served(
+        self, task_queue: str, since: float
+    ) -> dict[str, dict[str, list[str]]] | None:
+        def op() -> Op[dict[str, dict[str, list[str]]] | None]:
             rows = yield Stmt(
                 ALL,
                 "SELECT workflow_types FROM workers WHERE task_queue = ? AND last_seen >= ?",
@@ -721,6 +809,260 @@ class SqlStore(Store):
             )
             if not rows:
                 return None
-            return {t for (types,) in rows for t in json.loads(types)}
+            served: dict[str, dict[str, list[str]]] = {}
+            for (types,) in rows:
+                for name, handlers in json.loads(types).items():
+                    merged = served.setdefault(name, {})
+                    for kind, names in handlers.items():
+                        merged[kind] = sorted(set(merged.get(kind, [])) | set(names))
+            return served
 
         return await self._execute(op(), writes=False)
+
+    # -- messages and lifecycle -------------------------------------------------
+    @staticmethod
+    def _find_run(
+        namespace: str, workflow_id: str, run_id: str | None, running: bool
+    ) -> Op[tuple[str, str, str]]:
+        """(run_id, status, task_queue) of the given or latest run; must be running if asked."""
+        if run_id is None:
+            row = yield Stmt(
+                ONE,
+                "SELECT run_id, status, task_queue FROM runs WHERE namespace = ? "
+                "AND workflow_id = ? ORDER BY created_at DESC LIMIT 1",
+                (namespace, workflow_id),
+            )
+        else:
+            row = yield Stmt(
+                ONE,
+                "SELECT run_id, status, task_queue FROM runs WHERE run_id = ? "
+                "AND namespace = ? AND workflow_id = ?",
+                (run_id, namespace, workflow_id),
+            )
+        which = f"run {run_id!r} of " if run_id else ""
+        if row is None:
+            raise WorkflowNotFoundError(
+                f"no {which}workflow {workflow_id!r} in namespace {namespace!r}"
+            )
+        if running and row[1] != "running":
+            raise WorkflowNotFoundError(
+                f"{which}workflow {workflow_id!r} is not running (it is {row[1]})"
+            )
+        return row[0], row[1], row[2]
+
+    async def signal_run(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        name: str,
+        args: list[Any],
+        now: float,
+    ) -> str:
+        def op() -> Op[str]:
+            target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
+            yield from self._append_inbound(
+                target, SIGNAL_RECEIVED, {"name": name, "args": args}, now
+            )
+            return target
+
+        return await self._execute(op(), writes=True)
+
+    async def request_cancel(
+        self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
+    ) -> str:
+        def op() -> Op[str]:
+            target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
+            yield from self._append_inbound(
+                target, WORKFLOW_CANCEL_REQUESTED, {"reason": reason}, now
+            )
+            return target
+
+        return await self._execute(op(), writes=True)
+
+    async def terminate_run(
+        self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
+    ) -> str:
+        def op() -> Op[str]:
+            target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
+            yield from self._terminate(target, reason, now)
+            return target
+
+        return await self._execute(op(), writes=True)
+
+    def _terminate(self, run_id: str, reason: str, now: float) -> Op[None]:
+        failure = {"kind": "terminated", "type": "Terminated", "message": reason}
+        row = yield Stmt(
+            ONE,
+            "UPDATE runs SET next_seq = next_seq + 1, status = ?, closed_at = ?, failure = ? "
+            "WHERE run_id = ? AND status = 'running' RETURNING next_seq - 1",
+            (TERMINATED, now, dumps(failure), run_id),
+        )
+        if row is None:
+            return
+        yield Stmt(
+            EXEC,
+            "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
+            (run_id, row[0], WORKFLOW_TERMINATED, now, dumps({"reason": reason})),
+        )
+        yield from self._drop_run_work(run_id, f"the workflow was terminated: {reason}")
+
+    @staticmethod
+    def _drop_run_work(run_id: str, why: str) -> Op[None]:
+        """A closed run has no pending work; its open updates are answered with ``why``."""
+        for table in ("workflow_tasks", "activity_tasks", "timers"):
+            yield Stmt(EXEC, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        failure = {"kind": "application", "type": "WorkflowClosed", "message": why}
+        yield Stmt(
+            EXEC,
+            "UPDATE updates SET state = 'rejected', failure = ? WHERE run_id = ? "
+            "AND state IN ('requested', 'accepted')",
+            (dumps(failure), run_id),
+        )
+
+    async def request_update(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        request: UpdateRequest,
+        now: float,
+    ) -> UpdateState:
+        def op() -> Op[UpdateState]:
+            target, status, _ = yield from self._find_run(namespace, workflow_id, run_id, False)
+            existing = yield from self._update_state(target, request.update_id)
+            if existing is not None and existing.state != "rejected":
+                return existing  # the same update id: deduplicated
+            if status != "running":
+                raise WorkflowNotFoundError(
+                    f"workflow {workflow_id!r} is not running (it is {status}); "
+                    "updates need a running workflow"
+                )
+            return (yield from self._request_update(target, request, now))
+
+        return await self._execute(op(), writes=True)
+
+    def _request_update(self, run_id: str, request: UpdateRequest, now: float) -> Op[UpdateState]:
+        yield Stmt(
+            EXEC,
+            "INSERT INTO updates (run_id, update_id, name, args, state, created_at) "
+            "VALUES (?, ?, ?, ?, 'requested', ?) ON CONFLICT (run_id, update_id) DO UPDATE "
+            "SET name = excluded.name, args = excluded.args, state = 'requested', "
+            "failure = NULL, created_at = excluded.created_at",
+            (run_id, request.update_id, request.name, dumps(request.args), now),
+        )
+        task_queue = yield Stmt(ONE, "SELECT task_queue FROM runs WHERE run_id = ?", (run_id,))
+        yield Stmt(
+            EXEC,
+            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (run_id) DO NOTHING",
+            (run_id, task_queue[0], now),
+        )
+        return UpdateState(run_id=run_id, update_id=request.update_id, state="requested")
+
+    @staticmethod
+    def _update_state(run_id: str, update_id: str) -> Op[UpdateState | None]:
+        row = yield Stmt(
+            ONE,
+            "SELECT state, result, failure FROM updates WHERE run_id = ? AND update_id = ?",
+            (run_id, update_id),
+        )
+        if row is None:
+            return None
+        return UpdateState(run_id, update_id, row[0], loads(row[1]), loads(row[2]))
+
+    async def get_update(self, run_id: str, update_id: str) -> UpdateState | None:
+        return await self._execute(self._update_state(run_id, update_id), writes=False)
+
+    async def pending_updates(self, run_id: str) -> list[UpdateRequest]:
+        def op() -> Op[list[UpdateRequest]]:
+            rows = yield Stmt(
+                ALL,
+                "SELECT update_id, name, args FROM updates WHERE run_id = ? "
+                "AND state = 'requested' ORDER BY created_at",
+                (run_id,),
+            )
+            return [UpdateRequest(r[0], r[1], json.loads(r[2])) for r in rows]
+
+        return await self._execute(op(), writes=False)
+
+    async def create_query(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        query_id: str,
+        name: str,
+        args: list[Any],
+        now: float,
+    ) -> None:
+        def op() -> Op[None]:
+            target, _, task_queue = yield from self._find_run(namespace, workflow_id, run_id, False)
+            yield Stmt(
+                EXEC,
+                "INSERT INTO queries (query_id, run_id, task_queue, name, args, created_at, "
+                "visible_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (query_id, target, task_queue, name, dumps(args), now, now),
+            )
+
+        await self._execute(op(), writes=True)
+
+    async def claim_queries(
+        self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
+    ) -> list[QueryTask]:
+        def op() -> Op[list[QueryTask]]:
+            rows = yield Stmt(
+                ALL,
+                "SELECT q.query_id, q.run_id, r.workflow_id, r.workflow_type, r.namespace, "
+                "q.name, q.args FROM queries q JOIN runs r ON r.run_id = q.run_id "
+                "WHERE q.task_queue = ? AND q.answered = 0 AND q.visible_at <= ? "
+                f"ORDER BY q.visible_at LIMIT ? {self.dialect.skip_locked('q')}",
+                (task_queue, now, limit),
+            )
+            tasks = []
+            for query_id, run_id, wf_id, wf_type, ns, name, args in rows:
+                token = self._token()
+                yield Stmt(
+                    EXEC,
+                    "UPDATE queries SET owner = ?, token = ?, visible_at = ? WHERE query_id = ?",
+                    (owner, token, lease_until, query_id),
+                )
+                tasks.append(
+                    QueryTask(query_id, run_id, wf_id, wf_type, ns, name, json.loads(args), token)
+                )
+            return tasks
+
+        return await self._execute(op(), writes=True)
+
+    async def answer_query(
+        self, query: QueryTask, result: Any, failure: dict[str, Any] | None
+    ) -> None:
+        def op() -> Op[None]:
+            yield Stmt(
+                EXEC,
+                "UPDATE queries SET answered = 1, result = ?, failure = ? "
+                "WHERE query_id = ? AND token = ?",
+                (dumps(result), dumps(failure) if failure else None, query.query_id, query.token),
+            )
+
+        await self._execute(op(), writes=True)
+
+    async def take_query_answer(self, query_id: str) -> tuple[bool, Any, dict[str, Any] | None]:
+        def op() -> Op[tuple[bool, Any, dict[str, Any] | None]]:
+            row = yield Stmt(
+                ONE,
+                "SELECT answered, result, failure FROM queries WHERE query_id = ?",
+                (query_id,),
+            )
+            if row is None or not row[0]:
+                return False, None, None
+            yield Stmt(EXEC, "DELETE FROM queries WHERE query_id = ?", (query_id,))
+            return True, loads(row[1]), loads(row[2])
+
+        return await self._execute(op(), writes=True)
+
+    async def drop_query(self, query_id: str) -> None:
+        def op() -> Op[None]:
+            yield Stmt(EXEC, "DELETE FROM queries WHERE query_id = ?", (query_id,))
+
+        await self._execute(op(), writes=True)

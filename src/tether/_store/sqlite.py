@@ -44,8 +44,16 @@ CREATE TABLE IF NOT EXISTS runs (
     next_seq INTEGER NOT NULL,
     inbound_seq INTEGER NOT NULL,
     task_version INTEGER NOT NULL DEFAULT 0,
-    task_failure TEXT
+    task_failure TEXT,
+    parent_run_id TEXT,
+    parent_seq INTEGER,
+    parent_close_policy TEXT,
+    memo TEXT,
+    search_attributes TEXT,
+    execution_deadline REAL,
+    next_run_id TEXT
 );
+CREATE INDEX IF NOT EXISTS runs_by_parent ON runs(parent_run_id);
 CREATE UNIQUE INDEX IF NOT EXISTS runs_open_workflow_id
     ON runs(namespace, workflow_id) WHERE status = 'running';
 CREATE INDEX IF NOT EXISTS runs_by_workflow_id ON runs(namespace, workflow_id, created_at);
@@ -93,6 +101,33 @@ CREATE TABLE IF NOT EXISTS timers (
     PRIMARY KEY (run_id, seq)
 );
 CREATE INDEX IF NOT EXISTS timers_due ON timers(fire_at);
+CREATE TABLE IF NOT EXISTS queries (
+    query_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    task_queue TEXT NOT NULL,
+    name TEXT NOT NULL,
+    args TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    visible_at REAL NOT NULL,
+    owner TEXT,
+    token TEXT,
+    answered INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    failure TEXT
+);
+CREATE INDEX IF NOT EXISTS queries_ready ON queries(task_queue, answered, visible_at);
+CREATE TABLE IF NOT EXISTS updates (
+    run_id TEXT NOT NULL,
+    update_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    args TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    result TEXT,
+    failure TEXT,
+    PRIMARY KEY (run_id, update_id)
+);
+CREATE INDEX IF NOT EXISTS updates_pending ON updates(run_id, state);
 CREATE TABLE IF NOT EXISTS workers (
     task_queue TEXT NOT NULL,
     identity TEXT NOT NULL,
