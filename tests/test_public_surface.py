@@ -11,6 +11,7 @@ def test_top_level_exports() -> None:
         [
             "ActivityError",
             "ApplicationError",
+            "ChildWorkflowError",
             "Client",
             "FailureError",
             "HistoryEvent",
@@ -51,6 +52,7 @@ def test_module_exports() -> None:
         "defn",
         "deprecate_patch",
         "execute_activity",
+        "execute_child_workflow",
         "in_workflow",
         "info",
         "is_cancel_requested",
@@ -63,8 +65,10 @@ def test_module_exports() -> None:
         "signal",
         "sleep",
         "start_activity",
+        "start_child_workflow",
         "time",
         "update",
+        "upsert_search_attributes",
         "uuid4",
         "wait_condition",
     ]

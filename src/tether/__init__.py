@@ -12,6 +12,7 @@ from tether.converter import PayloadConverter
 from tether.exceptions import (
     ActivityError,
     ApplicationError,
+    ChildWorkflowError,
     FailureError,
     InvalidArgumentError,
     NondeterminismError,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivityError",
     "ApplicationError",
+    "ChildWorkflowError",
     "Client",
     "FailureError",
     "HistoryEvent",

@@ -26,6 +26,7 @@ from tether._store.base import (
     Store,
     UpdateRequest,
 )
+from tether.common import Duration, to_seconds
 from tether.converter import DEFAULT_MAX_PAYLOAD_BYTES, PayloadConverter
 from tether.exceptions import (
     InvalidArgumentError,
@@ -66,6 +67,9 @@ class WorkflowDescription:
     """The recorded error of a failed run."""
     task_failure: dict[str, Any] | None
     """Why the latest workflow task failed (a bug or nondeterminism) while it is retried."""
+    memo: dict[str, Any]
+    search_attributes: dict[str, Any]
+    parent_run_id: str | None
 
     @classmethod
     def _from(cls, run: RunInfo) -> WorkflowDescription:
@@ -81,6 +85,9 @@ class WorkflowDescription:
             history_length=run.history_length,
             failure=run.failure,
             task_failure=run.task_failure,
+            memo=run.memo or {},
+            search_attributes=run.search_attributes or {},
+            parent_run_id=run.parent_run_id,
         )
 
 
@@ -148,6 +155,10 @@ class Client:
         id_reuse_policy: str = "allow_duplicate",
         start_signal: str | None = None,
         start_signal_args: tuple[Any, ...] | list[Any] = (),
+        memo: dict[str, Any] | None = None,
+        search_attributes: dict[str, Any] | None = None,
+        run_timeout: Duration | None = None,
+        execution_timeout: Duration | None = None,
     ) -> WorkflowHandle:
         """Start a run and return its handle once the start is durably recorded.
 
@@ -162,6 +173,11 @@ class Client:
 
         ``start_signal`` makes it signal-with-start: the signal is delivered to the new
         run, or to the running one (conflict policy ``use_existing``), in one transaction.
+
+        ``memo`` and ``search_attributes`` are stored with the run (``describe()`` shows
+        them; the workflow can upsert search attributes). ``run_timeout`` limits this
+        run, ``execution_timeout`` the workflow across continue-as-new: when one passes,
+        the run closes as ``timed_out``.
         """
         plan = self._plan_start(workflow, args, id, task_queue, result_type)
         if start_signal is not None:
@@ -175,6 +191,12 @@ class Client:
         run = plan.new_run(self, request_id, policy, id_reuse_policy)
         if start_signal is not None:
             run.signal = (start_signal, signal_args)
+        run.memo = self.converter.encode(memo, "memo") if memo else None
+        if search_attributes:
+            run.search_attributes = self.converter.encode(search_attributes, "search attributes")
+        run.run_timeout = to_seconds(run_timeout, "run_timeout")
+        execution = to_seconds(execution_timeout, "execution_timeout")
+        run.execution_deadline = None if execution is None else run.now + execution
         await self._check_served(plan.workflow_type, task_queue)
         outcome = await self._store.start_run(run)
         return WorkflowHandle(self, id, outcome.run_id, plan.result_hint, plan.defn)

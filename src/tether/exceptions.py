@@ -7,6 +7,7 @@ The hierarchy, drawn once::
     │   ├── ApplicationError         raised by user code; controls retries
     │   ├── TimeoutFailure           an activity ran out of time (start_to_close, heartbeat, ...)
     │   ├── ActivityError            an activity failed for good; ``cause`` says why
+    │   ├── ChildWorkflowError       a child workflow did not complete; ``cause`` says why
     │   ├── WorkflowFailureError     client side: the workflow run failed; ``cause`` says why
     │   ├── UpdateFailedError        the update was rejected or its handler raised
     │   └── QueryFailedError         the query handler raised, or there is no such query
@@ -111,6 +112,17 @@ class ActivityError(FailureError):
         self.activity_seq = activity_seq
         self.attempt = attempt
         self.retry_state = retry_state
+
+
+class ChildWorkflowError(FailureError):
+    """A child workflow failed, was cancelled, terminated, timed out or could not start."""
+
+    def __init__(
+        self, message: str, *, workflow_id: str, status: str, cause: BaseException | None = None
+    ) -> None:
+        super().__init__(message, cause=cause)
+        self.workflow_id = workflow_id
+        self.status = status
 
 
 class WorkflowFailureError(FailureError):

@@ -168,14 +168,7 @@ def replay(workflow: type, history: list[HistoryEvent]) -> None:
     if not history or history[0].type != "WorkflowStarted":
         raise ValueError("a history starts with its WorkflowStarted event")
     started = history[0].data
-    info = WorkflowInfo(
-        namespace=started.get("namespace", "default"),
-        workflow_id=started["workflow_id"],
-        run_id="replay",
-        workflow_type=started["workflow_type"],
-        task_queue=started["task_queue"],
-        start_time=history[0].time.timestamp(),
-    )
+    info = WorkflowInfo.from_started("replay", history[0].time.timestamp(), started)
     instance = WorkflowInstance(defn, info, PayloadConverter())  # type: ignore[abstract]
     events = [Event(e.seq, e.type, e.time.timestamp(), e.data) for e in history]
     try:

@@ -23,6 +23,7 @@ from tether._runtime.definitions import (
     WORKFLOW_ATTR,
     activity_definition,
     make_workflow_definition,
+    workflow_definition,
 )
 from tether._runtime.instance import (
     BUG_EXCEPTION_TYPES,
@@ -41,6 +42,7 @@ __all__ = [
     "defn",
     "deprecate_patch",
     "execute_activity",
+    "execute_child_workflow",
     "in_workflow",
     "info",
     "is_cancel_requested",
@@ -53,8 +55,10 @@ __all__ = [
     "signal",
     "sleep",
     "start_activity",
+    "start_child_workflow",
     "time",
     "update",
+    "upsert_search_attributes",
     "uuid4",
     "wait_condition",
 ]
@@ -254,6 +258,88 @@ async def execute_activity(
         result_type=result_type,
     )
     return await fut
+
+
+_PARENT_CLOSE_POLICIES = ("terminate", "request_cancel", "abandon")
+
+
+def start_child_workflow(
+    workflow: type | Callable[..., Any] | str,
+    *args: Any,
+    id: str | None = None,
+    task_queue: str | None = None,
+    parent_close_policy: str = "terminate",
+    run_timeout: Duration | None = None,
+    execution_timeout: Duration | None = None,
+    memo: dict[str, Any] | None = None,
+    search_attributes: dict[str, Any] | None = None,
+    result_type: Any = None,
+) -> asyncio.Future[Any]:
+    """Start a child workflow; the future resolves to its result (see execute_child_workflow)."""
+    inst = _instance()
+    if isinstance(workflow, str):
+        workflow_type, result_hint = workflow, result_type
+    else:
+        defn = workflow_definition(workflow)
+        workflow_type = defn.name
+        result_hint = result_type if result_type is not None else defn.return_hint
+    if parent_close_policy not in _PARENT_CLOSE_POLICIES:
+        raise InvalidArgumentError(
+            f"parent_close_policy must be one of {', '.join(_PARENT_CLOSE_POLICIES)} "
+            f"(got {parent_close_policy!r})"
+        )
+    options = {
+        "task_queue": task_queue or inst.info.task_queue,
+        "parent_close_policy": parent_close_policy,
+        "run_timeout": to_seconds(run_timeout, "run_timeout"),
+        "execution_timeout": to_seconds(execution_timeout, "execution_timeout"),
+        "memo": inst.converter.encode(memo, "memo") if memo else None,
+        "search_attributes": (
+            inst.converter.encode(search_attributes, "search attributes")
+            if search_attributes
+            else None
+        ),
+    }
+    payload = inst.converter.encode_args(args, f"child workflow {workflow_type!r}")
+    return inst.start_child(workflow_type, id, payload, options, result_hint)
+
+
+async def execute_child_workflow(
+    workflow: type | Callable[..., Any] | str,
+    *args: Any,
+    id: str | None = None,
+    task_queue: str | None = None,
+    parent_close_policy: str = "terminate",
+    run_timeout: Duration | None = None,
+    execution_timeout: Duration | None = None,
+    memo: dict[str, Any] | None = None,
+    search_attributes: dict[str, Any] | None = None,
+    result_type: Any = None,
+) -> Any:
+    """Run a child workflow and return its result.
+
+    ``id`` defaults to ``<parent id>/child-<n>``. When the parent closes first,
+    ``parent_close_policy`` decides the child's fate: ``terminate`` (the default),
+    ``request_cancel`` or ``abandon``. Cancelling the awaiting task asks the child to
+    cancel. A child that does not complete raises ``ChildWorkflowError``.
+    """
+    return await start_child_workflow(
+        workflow,
+        *args,
+        id=id,
+        task_queue=task_queue,
+        parent_close_policy=parent_close_policy,
+        run_timeout=run_timeout,
+        execution_timeout=execution_timeout,
+        memo=memo,
+        search_attributes=search_attributes,
+        result_type=result_type,
+    )
+
+
+def upsert_search_attributes(attributes: dict[str, Any]) -> None:
+    """Merge ``attributes`` into this workflow's search attributes (recorded in history)."""
+    _instance().upsert_search_attributes(attributes)
 
 
 async def wait_condition(condition: Callable[[], bool], *, timeout: Duration | None = None) -> None:

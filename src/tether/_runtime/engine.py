@@ -44,9 +44,12 @@ from tether._store.base import (
     ACTIVITY_FAILED,
     ACTIVITY_SCHEDULED,
     CANCELLED,
+    CHILD_CANCEL_REQUESTED,
+    CHILD_WORKFLOW_INITIATED,
     COMPLETED,
     CONTINUED_AS_NEW,
     FAILED,
+    SEARCH_ATTRIBUTES_UPSERTED,
     TIMER_CANCELLED,
     TIMER_STARTED,
     UPDATE_ACCEPTED,
@@ -335,14 +338,7 @@ class Engine:
         self, task: WorkflowTask | QueryTask, start_time: float, started: dict[str, Any]
     ) -> Any:
         defn = self.workflows.get(task.workflow_type)
-        info = WorkflowInfo(
-            namespace=task.namespace,
-            workflow_id=task.workflow_id,
-            run_id=task.run_id,
-            workflow_type=task.workflow_type,
-            task_queue=started["task_queue"],
-            start_time=start_time,
-        )
+        info = WorkflowInfo.from_started(task.run_id, start_time, started)
         if defn is None:
             raise WorkflowTaskFailure(
                 f"workflow type {task.workflow_type!r} is not registered on worker "
@@ -415,6 +411,38 @@ class Engine:
                     seed=secrets.randbits(63),
                     now=now,
                 )
+            elif event_type == CHILD_WORKFLOW_INITIATED:
+                completion.children.append(
+                    NewRun(
+                        namespace=task.namespace,
+                        workflow_id=data["workflow_id"],
+                        run_id=str(uuid.uuid4()),
+                        workflow_type=data["workflow_type"],
+                        task_queue=data["task_queue"],
+                        args=data["args"],
+                        request_id=f"{task.run_id}/{data['seq']}",
+                        seed=secrets.randbits(63),
+                        now=now,
+                        memo=data.get("memo"),
+                        search_attributes=data.get("search_attributes"),
+                        run_timeout=data.get("run_timeout"),
+                        execution_deadline=(
+                            now + data["execution_timeout"]
+                            if data.get("execution_timeout")
+                            else None
+                        ),
+                        parent_run_id=task.run_id,
+                        parent_seq=data["seq"],
+                        parent_close_policy=data["parent_close_policy"],
+                    )
+                )
+            elif event_type == CHILD_CANCEL_REQUESTED:
+                completion.cancel_children.append(data["seq"])
+            elif event_type == SEARCH_ATTRIBUTES_UPSERTED:
+                completion.search_attributes = {
+                    **(completion.search_attributes or {}),
+                    **data["attributes"],
+                }
             elif event_type == UPDATE_ACCEPTED:
                 updates[data["update_id"]] = UpdateState(task.run_id, data["update_id"], "accepted")
             elif event_type == UPDATE_COMPLETED:

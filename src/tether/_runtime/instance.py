@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import dataclasses
 import inspect
 import logging
 import random
@@ -31,9 +32,14 @@ from tether._store.base import (
     ACTIVITY_COMPLETED,
     ACTIVITY_FAILED,
     ACTIVITY_SCHEDULED,
+    CHILD_CANCEL_REQUESTED,
+    CHILD_WORKFLOW_COMPLETED,
+    CHILD_WORKFLOW_FAILED,
+    CHILD_WORKFLOW_INITIATED,
     COMMAND_EVENTS,
     INBOUND_EVENTS,
     MARKER_RECORDED,
+    SEARCH_ATTRIBUTES_UPSERTED,
     SIGNAL_RECEIVED,
     TIMER_CANCELLED,
     TIMER_FIRED,
@@ -53,6 +59,7 @@ from tether._store.base import (
 from tether.converter import PayloadConverter
 from tether.exceptions import (
     ApplicationError,
+    ChildWorkflowError,
     FailureError,
     InvalidArgumentError,
     NondeterminismError,
@@ -113,6 +120,25 @@ class WorkflowInfo:
     task_queue: str
     start_time: float
     """Epoch seconds when the run started."""
+    memo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    search_attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Current search attributes (``workflow.upsert_search_attributes`` changes them)."""
+    parent_run_id: str | None = None
+
+    @classmethod
+    def from_started(cls, run_id: str, start_time: float, started: dict[str, Any]) -> WorkflowInfo:
+        """Built from a run's ``WorkflowStarted`` event data."""
+        return cls(
+            namespace=started.get("namespace", "default"),
+            workflow_id=started["workflow_id"],
+            run_id=run_id,
+            workflow_type=started["workflow_type"],
+            task_queue=started["task_queue"],
+            start_time=start_time,
+            memo=dict(started.get("memo") or {}),
+            search_attributes=dict(started.get("search_attributes") or {}),
+            parent_run_id=started.get("parent_run_id"),
+        )
 
 
 class _DurableTimer(asyncio.TimerHandle):
@@ -158,6 +184,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._next_seq = 0
         self._commands: list[Command] = []
         self._activities: dict[int, tuple[asyncio.Future[Any], Any]] = {}
+        self._children: dict[int, tuple[asyncio.Future[Any], Any]] = {}
+        self._child_ids: dict[int, str] = {}
         self._timers: dict[int, _DurableTimer] = {}
         self._undelivered: list[Event] = []
         self._block: list[Event] = []
@@ -299,6 +327,28 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             timer = self._timers.pop(data["seq"], None)
             if timer is not None and not timer.cancelled():
                 self._ready.append(timer)
+        elif event.type in (CHILD_WORKFLOW_COMPLETED, CHILD_WORKFLOW_FAILED):
+            entry = self._children.pop(data["seq"], None)
+            if entry is None or entry[0].done():
+                return
+            fut, hint = entry
+            if event.type == CHILD_WORKFLOW_COMPLETED:
+                try:
+                    fut.set_result(self.converter.decode(data["result"], hint, "child result"))
+                except Exception as e:
+                    fut.set_exception(e)
+            else:
+                child_id = self._child_ids.get(data["seq"], "")
+                status = data.get("status", "failed")
+                failure = data.get("failure") or {}
+                fut.set_exception(
+                    ChildWorkflowError(
+                        f"child workflow {child_id!r} {status}: {failure.get('message')}",
+                        workflow_id=child_id,
+                        status=status,
+                        cause=from_failure(failure) if failure else None,
+                    )
+                )
         elif event.type == SIGNAL_RECEIVED:
             self._handle_signal(data["name"], data["args"])
         elif event.type == UPDATE_ACCEPTED:
@@ -626,6 +676,44 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
 
         fut.add_done_callback(on_done)
         return fut
+
+    def start_child(
+        self,
+        workflow_type: str,
+        workflow_id: str | None,
+        args: list[Any],
+        options: dict[str, Any],
+        result_hint: Any,
+    ) -> asyncio.Future[Any]:
+        seq = self.next_seq()
+        child_id = workflow_id or f"{self.info.workflow_id}/child-{seq}"
+        self._command(
+            CHILD_WORKFLOW_INITIATED,
+            {
+                "seq": seq,
+                "workflow_type": workflow_type,
+                "workflow_id": child_id,
+                "args": args,
+                **options,
+            },
+        )
+        fut: asyncio.Future[Any] = self.create_future()
+        self._children[seq] = (fut, result_hint)
+        self._child_ids[seq] = child_id
+
+        def on_done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() and seq in self._children and not self._evicted:
+                del self._children[seq]
+                if not self.closed:
+                    self._command(CHILD_CANCEL_REQUESTED, {"seq": seq})
+
+        fut.add_done_callback(on_done)
+        return fut
+
+    def upsert_search_attributes(self, attributes: dict[str, Any]) -> None:
+        encoded = self.converter.encode(attributes, "search attributes")
+        self._command(SEARCH_ATTRIBUTES_UPSERTED, {"attributes": encoded})
+        self.info.search_attributes.update(encoded)
 
     def _cancel_timer(self, timer: _DurableTimer) -> None:
         pending = timer.seq is not None and self._timers.pop(timer.seq, None) is not None

@@ -23,8 +23,12 @@ ACTIVITY_FAILED = "ActivityFailed"
 TIMER_FIRED = "TimerFired"
 SIGNAL_RECEIVED = "SignalReceived"
 WORKFLOW_CANCEL_REQUESTED = "WorkflowCancelRequested"
+CHILD_WORKFLOW_COMPLETED = "ChildWorkflowCompleted"
+CHILD_WORKFLOW_FAILED = "ChildWorkflowFailed"
 INBOUND_EVENTS = frozenset(
     {
+        CHILD_WORKFLOW_COMPLETED,
+        CHILD_WORKFLOW_FAILED,
         WORKFLOW_STARTED,
         ACTIVITY_COMPLETED,
         ACTIVITY_FAILED,
@@ -48,8 +52,14 @@ WORKFLOW_CANCELLED = "WorkflowCancelled"
 WORKFLOW_CONTINUED_AS_NEW = "WorkflowContinuedAsNew"
 UPDATE_COMPLETED = "UpdateCompleted"
 MARKER_RECORDED = "MarkerRecorded"
+CHILD_WORKFLOW_INITIATED = "ChildWorkflowInitiated"
+CHILD_CANCEL_REQUESTED = "ChildCancelRequested"
+SEARCH_ATTRIBUTES_UPSERTED = "SearchAttributesUpserted"
 COMMAND_EVENTS = frozenset(
     {
+        CHILD_WORKFLOW_INITIATED,
+        CHILD_CANCEL_REQUESTED,
+        SEARCH_ATTRIBUTES_UPSERTED,
         ACTIVITY_SCHEDULED,
         ACTIVITY_CANCEL_REQUESTED,
         TIMER_STARTED,
@@ -63,8 +73,9 @@ COMMAND_EVENTS = frozenset(
     }
 )
 
-# Appended by the store itself when a run is ended from outside.
+# Appended by the store itself when a run is ended from outside or by its deadline.
 WORKFLOW_TERMINATED = "WorkflowTerminated"
+WORKFLOW_TIMED_OUT = "WorkflowTimedOut"
 
 # Closes each workflow task's block of command events; records which inbound
 # events the task had seen and the workflow time it ran at, for replay.
@@ -76,7 +87,8 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 TERMINATED = "terminated"
 CONTINUED_AS_NEW = "continued_as_new"
-STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED, TERMINATED, CONTINUED_AS_NEW)
+TIMED_OUT = "timed_out"
+STATUSES = (RUNNING, COMPLETED, FAILED, CANCELLED, TERMINATED, CONTINUED_AS_NEW, TIMED_OUT)
 
 
 @dataclass(slots=True)
@@ -107,6 +119,17 @@ class NewRun:
     """Signal-with-start: deliver this signal to the new or running run, atomically."""
     update: UpdateRequest | None = None
     """Update-with-start: request this update on the new or running run, atomically."""
+    memo: dict[str, Any] | None = None
+    search_attributes: dict[str, Any] | None = None
+    run_timeout: float | None = None
+    """Seconds this run may take before it is closed as timed out."""
+    execution_deadline: float | None = None
+    """Epoch time by which the workflow (across continue-as-new) must close."""
+    parent_run_id: str | None = None
+    parent_seq: int | None = None
+    parent_close_policy: str = "terminate"
+    """What happens to this child when its parent closes first: ``terminate``,
+    ``request_cancel`` or ``abandon``."""
 
 
 @dataclass(slots=True)
@@ -161,6 +184,9 @@ class RunInfo:
     history_length: int
     task_failure: dict[str, Any] | None
     """The last workflow task failure (a bug or nondeterminism), while the task is retried."""
+    memo: dict[str, Any] | None = None
+    search_attributes: dict[str, Any] | None = None
+    parent_run_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -232,6 +258,11 @@ class WorkflowTaskCompletion:
     """Update requests this task accepted, rejected or completed."""
     continue_as_new: NewRun | None = None
     """The run that continues this one (with ``close`` set to ``continued_as_new``)."""
+    children: list[NewRun] = field(default_factory=list)
+    """Child runs to start (their ``parent_seq`` names the command)."""
+    cancel_children: list[int] = field(default_factory=list)
+    search_attributes: dict[str, Any] | None = None
+    """Attributes to merge into the run's search attributes."""
 
 
 @dataclass(slots=True)

@@ -18,14 +18,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tether._store.base import (
+    CHILD_WORKFLOW_COMPLETED,
+    CHILD_WORKFLOW_FAILED,
     COMPLETED,
     SIGNAL_RECEIVED,
     TERMINATED,
+    TIMED_OUT,
     TIMER_FIRED,
     WORKFLOW_CANCEL_REQUESTED,
     WORKFLOW_STARTED,
     WORKFLOW_TASK_COMPLETED,
     WORKFLOW_TERMINATED,
+    WORKFLOW_TIMED_OUT,
     ActivityTask,
     Event,
     NewRun,
@@ -85,7 +89,7 @@ def loads(text: str | None) -> Any:
 
 _RUN_COLUMNS = (
     "namespace, workflow_id, run_id, workflow_type, task_queue, status, created_at, "
-    "closed_at, result, failure, next_seq, task_failure"
+    "closed_at, result, failure, next_seq, task_failure, memo, search_attributes, parent_run_id"
 )
 _ACTIVITY_COLUMNS = (
     "a.run_id, r.workflow_id, r.workflow_type, a.seq, a.activity_type, a.task_queue, a.args, "
@@ -108,6 +112,9 @@ def _run_info(row: Any) -> RunInfo:
         failure=loads(row[9]),
         history_length=row[10] - 1,
         task_failure=loads(row[11]),
+        memo=loads(row[12]),
+        search_attributes=loads(row[13]),
+        parent_run_id=row[14],
     )
 
 
@@ -206,8 +213,9 @@ class SqlStore(Store):
         yield Stmt(
             EXEC,
             "INSERT INTO runs (run_id, namespace, workflow_id, workflow_type, task_queue, "
-            "status, request_id, created_at, next_seq, inbound_seq) "
-            "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, 2, 1)",
+            "status, request_id, created_at, next_seq, inbound_seq, memo, search_attributes, "
+            "execution_deadline, run_timeout, parent_run_id, parent_seq, parent_close_policy) "
+            "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, 2, 1, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.run_id,
                 run.namespace,
@@ -216,8 +224,25 @@ class SqlStore(Store):
                 run.task_queue,
                 run.request_id,
                 run.now,
+                None if run.memo is None else dumps(run.memo),
+                None if run.search_attributes is None else dumps(run.search_attributes),
+                run.execution_deadline,
+                run.run_timeout,
+                run.parent_run_id,
+                run.parent_seq,
+                run.parent_close_policy,
             ),
         )
+        deadlines = [d for d in (run.execution_deadline,) if d is not None]
+        if run.run_timeout is not None:
+            deadlines.append(run.now + run.run_timeout)
+        if deadlines:
+            # Timer seq 0 is the run's own deadline: firing it closes the run as timed out.
+            yield Stmt(
+                EXEC,
+                "INSERT INTO timers (run_id, seq, fire_at) VALUES (?, 0, ?)",
+                (run.run_id, min(deadlines)),
+            )
         data = {
             "workflow_id": run.workflow_id,
             "workflow_type": run.workflow_type,
@@ -225,6 +250,9 @@ class SqlStore(Store):
             "args": run.args,
             "seed": run.seed,
             "namespace": run.namespace,
+            "memo": run.memo,
+            "search_attributes": run.search_attributes,
+            "parent_run_id": run.parent_run_id,
         }
         yield Stmt(
             EXEC,
@@ -542,6 +570,10 @@ class SqlStore(Store):
             )
             if new_run is not None:
                 yield from self._continue_as_new(run_id, new_run, c.inputs_through)
+            else:
+                yield from self._run_closed(
+                    run_id, c.close.status, c.close.result, c.close.failure, now
+                )
             yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})")
         else:
             yield Stmt(EXEC, "UPDATE runs SET next_seq = ? WHERE run_id = ?", (next_seq, run_id))
@@ -560,6 +592,30 @@ class SqlStore(Store):
                 )
             else:
                 yield Stmt(EXEC, "DELETE FROM workflow_tasks WHERE run_id = ?", (run_id,))
+        if c.search_attributes:
+            current = yield Stmt(
+                ONE, "SELECT search_attributes FROM runs WHERE run_id = ?", (run_id,)
+            )
+            merged = {**(loads(current[0]) or {}), **c.search_attributes}
+            yield Stmt(
+                EXEC,
+                "UPDATE runs SET search_attributes = ? WHERE run_id = ?",
+                (dumps(merged), run_id),
+            )
+        # Last: these may append inbound events to this run (and re-queue its task).
+        for child in c.children:
+            yield from self._start_child(run_id, child)
+        for seq in c.cancel_children:
+            child_row = yield Stmt(
+                ONE,
+                "SELECT run_id FROM runs WHERE parent_run_id = ? AND parent_seq = ? "
+                "AND status = 'running'",
+                (run_id, seq),
+            )
+            if child_row is not None:
+                yield from self._append_inbound(
+                    child_row[0], WORKFLOW_CANCEL_REQUESTED, {"reason": "parent cancelled it"}, now
+                )
         return WorkflowTaskResult(
             task_version=task_version,
             history_length=next_seq - 1,
@@ -567,8 +623,36 @@ class SqlStore(Store):
             more_work=more_work,
         )
 
+    def _start_child(self, parent_run_id: str, child: NewRun) -> Op[None]:
+        try:
+            yield from self._start_run(child)
+        except WorkflowAlreadyStartedError as e:
+            failure = {
+                "kind": "application",
+                "type": "WorkflowAlreadyStartedError",
+                "message": f"child workflow could not start: {e}",
+            }
+            yield from self._append_inbound(
+                parent_run_id,
+                CHILD_WORKFLOW_FAILED,
+                {"seq": child.parent_seq, "status": "start_failed", "failure": failure},
+                child.now,
+            )
+
     def _continue_as_new(self, old_run_id: str, run: NewRun, inputs_through: int) -> Op[None]:
-        """Start the next run; signals and updates the old run had not handled move over."""
+        """Start the next run; signals and updates the old run had not handled move over.
+
+        The new run keeps the workflow's memo, search attributes, deadlines and parent.
+        """
+        old = yield Stmt(
+            ONE,
+            "SELECT memo, search_attributes, execution_deadline, run_timeout, parent_run_id, "
+            "parent_seq, parent_close_policy FROM runs WHERE run_id = ?",
+            (old_run_id,),
+        )
+        run.memo, run.search_attributes = loads(old[0]), loads(old[1])
+        run.execution_deadline, run.run_timeout = old[2], old[3]
+        run.parent_run_id, run.parent_seq, run.parent_close_policy = old[4], old[5], old[6]
         yield from self._insert_run(run)
         signals = yield Stmt(
             ALL,
@@ -707,7 +791,10 @@ class SqlStore(Store):
             )
             for run_id, seq in due:
                 yield Stmt(EXEC, "DELETE FROM timers WHERE run_id = ? AND seq = ?", (run_id, seq))
-                yield from self._append_inbound(run_id, TIMER_FIRED, {"seq": seq}, now)
+                if seq == 0:
+                    yield from self._time_out(run_id, now)
+                else:
+                    yield from self._append_inbound(run_id, TIMER_FIRED, {"seq": seq}, now)
             return len(due)
 
         return await self._execute(op(), writes=True)
@@ -892,20 +979,79 @@ class SqlStore(Store):
 
     def _terminate(self, run_id: str, reason: str, now: float) -> Op[None]:
         failure = {"kind": "terminated", "type": "Terminated", "message": reason}
+        yield from self._close_from_outside(
+            run_id, TERMINATED, WORKFLOW_TERMINATED, {"reason": reason}, failure, now
+        )
+
+    def _time_out(self, run_id: str, now: float) -> Op[None]:
+        failure = {
+            "kind": "timeout",
+            "type": "TimeoutFailure",
+            "timeout_type": "workflow",
+            "message": "the workflow ran past its run or execution timeout",
+        }
+        yield from self._close_from_outside(run_id, TIMED_OUT, WORKFLOW_TIMED_OUT, {}, failure, now)
+
+    def _close_from_outside(
+        self,
+        run_id: str,
+        status: str,
+        event_type: str,
+        data: dict[str, Any],
+        failure: dict[str, Any],
+        now: float,
+    ) -> Op[None]:
+        """Close a running run without its code (terminate, timeout): history says why."""
         row = yield Stmt(
             ONE,
             "UPDATE runs SET next_seq = next_seq + 1, status = ?, closed_at = ?, failure = ? "
             "WHERE run_id = ? AND status = 'running' RETURNING next_seq - 1",
-            (TERMINATED, now, dumps(failure), run_id),
+            (status, now, dumps(failure), run_id),
         )
         if row is None:
             return
         yield Stmt(
             EXEC,
             "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
-            (run_id, row[0], WORKFLOW_TERMINATED, now, dumps({"reason": reason})),
+            (run_id, row[0], event_type, now, dumps(data)),
         )
-        yield from self._drop_run_work(run_id, f"the workflow was terminated: {reason}")
+        yield from self._run_closed(run_id, status, None, failure, now)
+        yield from self._drop_run_work(run_id, f"the workflow closed ({status})")
+
+    def _run_closed(
+        self,
+        run_id: str,
+        status: str,
+        result: Any,
+        failure: dict[str, Any] | None,
+        now: float,
+    ) -> Op[None]:
+        """Tell the parent (if any) and apply this run's parent-close policy to its children."""
+        parent = yield Stmt(
+            ONE, "SELECT parent_run_id, parent_seq FROM runs WHERE run_id = ?", (run_id,)
+        )
+        if parent is not None and parent[0] is not None:
+            if status == COMPLETED:
+                event = (CHILD_WORKFLOW_COMPLETED, {"seq": parent[1], "result": result})
+            else:
+                event = (
+                    CHILD_WORKFLOW_FAILED,
+                    {"seq": parent[1], "status": status, "failure": failure},
+                )
+            yield from self._append_inbound(parent[0], event[0], event[1], now)
+        children = yield Stmt(
+            ALL,
+            "SELECT run_id, parent_close_policy FROM runs WHERE parent_run_id = ? "
+            "AND status = 'running'",
+            (run_id,),
+        )
+        for child_id, policy in children:
+            if policy == "terminate":
+                yield from self._terminate(child_id, "its parent workflow closed", now)
+            elif policy == "request_cancel":
+                yield from self._append_inbound(
+                    child_id, WORKFLOW_CANCEL_REQUESTED, {"reason": "its parent closed"}, now
+                )
 
     @staticmethod
     def _drop_run_work(run_id: str, why: str) -> Op[None]:

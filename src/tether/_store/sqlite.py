@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS runs (
     memo TEXT,
     search_attributes TEXT,
     execution_deadline REAL,
+    run_timeout REAL,
     next_run_id TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_parent ON runs(parent_run_id);
