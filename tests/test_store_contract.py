@@ -283,3 +283,21 @@ async def test_worker_registry(store: Store) -> None:
     served = await store.workflows_served("q", NOW - 10)
     assert served == {"A": {"signals": ["s", "t"]}, "B": {}, "C": {}}
     assert await store.workflows_served("q", NOW + 1) is None
+
+
+async def test_failure_after_writes_does_not_undo_batched_neighbours(store: Store) -> None:
+    """An operation failing half-way is undone alone; operations batched with it commit."""
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    bad = schedule(task)
+    bad.activities.append(bad.activities[0])  # fails on its second insert, after writing
+    results = await asyncio.gather(
+        *(store.start_run(new_run(f"n{i}", f"run-n{i}", f"rn{i}")) for i in range(5)),
+        store.complete_workflow_task(bad, "w1", NOW),
+        *(store.start_run(new_run(f"m{i}", f"run-m{i}", f"rm{i}")) for i in range(5)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[5], StoreError)
+    assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 5)
+    assert len(await store.list_runs("default")) == 11
+    assert [e.type for e in await store.read_history("run-1")] == ["WorkflowStarted"]

@@ -59,6 +59,8 @@ from tether._store.base import (
     WORKFLOW_CONTINUED_AS_NEW,
     WORKFLOW_FAILED,
     ActivityTask,
+    EagerClaim,
+    Event,
     NewActivity,
     NewRun,
     QueryTask,
@@ -266,9 +268,7 @@ class Engine:
                 self.task_queue, self.identity, free, now + self.lease_duration, now
             )
             for task in tasks:
-                t = asyncio.create_task(self._run_workflow_task(task))
-                self._workflow_tasks[t] = task
-                t.add_done_callback(self._workflow_tasks.pop)
+                self._spawn_workflow_task(task)
             return None if len(tasks) == free else _IDLE_POLL
 
         await self._guarded("workflow", step)
@@ -290,13 +290,26 @@ class Engine:
             old.evict()
             self.stats["evictions"] += 1
 
-    async def _run_workflow_task(self, task: WorkflowTask) -> None:
+    def _spawn_workflow_task(
+        self, task: WorkflowTask, prefetched: tuple[int, list[Event]] | None = None
+    ) -> None:
+        t = asyncio.create_task(self._run_workflow_task(task, prefetched))
+        self._workflow_tasks[t] = task
+        t.add_done_callback(self._workflow_tasks.pop)
+
+    async def _run_workflow_task(
+        self, task: WorkflowTask, prefetched: tuple[int, list[Event]] | None = None
+    ) -> None:
+        """Run one workflow task; ``prefetched`` is (after_seq, events) read at claim time."""
         inst = self._take_instance(task)
         try:
             if inst is None:
                 events = await self.store.read_history(task.run_id)
                 inst = self._new_instance(task, events[0].time, events[0].data)
                 self.stats["replays"] += 1
+            elif prefetched is not None and prefetched[0] == inst.last_seq:
+                events = prefetched[1]
+                self.stats["eager_workflow_tasks"] += 1
             else:
                 events = await self.store.read_history(task.run_id, inst.last_seq)
             updates = await self.store.pending_updates(task.run_id) if task.has_updates else []
@@ -600,12 +613,24 @@ class Engine:
             await self._activity_failed(task, e, ctx.details, s2c_deadline)
             return
         try:
-            await self._persist(
+            now = self.clock.now()
+            claim = None
+            cached = self._cache.get(task.run_id)
+            if (
+                cached is not None
+                and not self._stopping
+                and len(self._workflow_tasks) < self.max_workflow_tasks
+            ):
+                # The run is cached here: take the workflow task this completion wakes.
+                claim = EagerClaim(self.identity, now + self.lease_duration, cached.last_seq)
+            woken = await self._persist(
                 lambda: self.store.finish_activity(
-                    task, ACTIVITY_COMPLETED, {"seq": task.seq, "result": payload}, self.clock.now()
+                    task, ACTIVITY_COMPLETED, {"seq": task.seq, "result": payload}, now, claim
                 )
             )
             self.stats["activities"] += 1
+            if woken is not None and claim is not None:
+                self._spawn_workflow_task(woken[0], (claim.after_seq, woken[1]))
         except StoreError as e:
             # Stale: someone else owns the task now. Otherwise the lease lapses and the
             # activity runs again (at least once).

@@ -233,6 +233,13 @@ class NewActivity:
 
 
 @dataclass(slots=True)
+class EagerClaim:
+    owner: str
+    lease_until: float
+    after_seq: int
+
+
+@dataclass(slots=True)
 class RunClose:
     status: str
     result: Any = None
@@ -350,9 +357,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish_activity(
-        self, task: ActivityTask, event_type: str, data: dict[str, Any], now: float
-    ) -> None:
-        """Record the activity's final outcome in history and wake the workflow."""
+        self,
+        task: ActivityTask,
+        event_type: str,
+        data: dict[str, Any],
+        now: float,
+        claim: EagerClaim | None = None,
+    ) -> tuple[WorkflowTask, list[Event]] | None:
+        """Record the activity's final outcome in history and wake the workflow.
+
+        With ``claim``, the workflow task this wakes is leased to the caller in the same
+        transaction (if nobody holds it) and returned with the events after
+        ``claim.after_seq``: a worker that has the run cached continues it at once.
+        """
 
     @abc.abstractmethod
     async def retry_activity(

@@ -13,7 +13,7 @@ import abc
 import itertools
 import json
 import secrets
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from tether._store.base import (
     WORKFLOW_TERMINATED,
     WORKFLOW_TIMED_OUT,
     ActivityTask,
+    EagerClaim,
     Event,
     NewRun,
     QueryTask,
@@ -147,8 +148,10 @@ class SqlStore(Store):
         self._token_counter = itertools.count()
 
     @abc.abstractmethod
-    async def _execute(self, op: Op[T], writes: bool) -> T:
-        """Run ``op`` in a transaction (writes) or on a snapshot (reads); return its value."""
+    async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
+        """Run the operation ``make()`` creates, in a transaction (writes) or on a snapshot
+        (reads), and return its value. A backend may call ``make`` again to re-run the
+        operation after rolling back a batch."""
 
     def _token(self) -> str:
         """A lease token unique across processes (random prefix) without a syscall each."""
@@ -156,7 +159,7 @@ class SqlStore(Store):
 
     # -- runs --------------------------------------------------------------------
     async def start_run(self, run: NewRun) -> StartOutcome:
-        return await self._execute(self._start_run(run), writes=True)
+        return await self._execute(lambda: self._start_run(run), writes=True)
 
     def _start_run(self, run: NewRun) -> Op[StartOutcome]:
         # A repeated request (a client retrying after a lost reply) gets the run it
@@ -297,7 +300,7 @@ class SqlStore(Store):
                 )
             return _run_info(row)
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     async def list_runs(
         self,
@@ -321,7 +324,7 @@ class SqlStore(Store):
             rows = yield Stmt(ALL, sql, tuple(params))
             return [_run_info(r) for r in rows]
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     async def closed_runs(self, run_ids: list[str]) -> list[str]:
         def op() -> Op[list[str]]:
@@ -337,7 +340,7 @@ class SqlStore(Store):
                 closed += [r[0] for r in rows]
             return closed
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     async def read_history(self, run_id: str, after_seq: int = 0) -> list[Event]:
         def op() -> Op[list[Event]]:
@@ -349,7 +352,7 @@ class SqlStore(Store):
             )
             return [Event(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     # -- shared steps -----------------------------------------------------------------
     @staticmethod
@@ -386,11 +389,15 @@ class SqlStore(Store):
             (task.run_id, task.seq),
         )
         if row is None or row[0] != task.token:
-            raise StaleTaskError(
-                f"activity {task.activity_type} (#{task.seq}) of run {task.run_id}, "
-                f"attempt {task.attempt}, is no longer leased by this worker"
-            )
+            raise SqlStore._stale(task)
         return bool(row[1])
+
+    @staticmethod
+    def _stale(task: ActivityTask) -> StaleTaskError:
+        return StaleTaskError(
+            f"activity {task.activity_type} (#{task.seq}) of run {task.run_id}, "
+            f"attempt {task.attempt}, is no longer leased by this worker"
+        )
 
     # -- workflow tasks ---------------------------------------------------------------
     async def claim_workflow_tasks(
@@ -432,12 +439,14 @@ class SqlStore(Store):
                 )
             return tasks
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def complete_workflow_task(
         self, completion: WorkflowTaskCompletion, owner: str, now: float
     ) -> WorkflowTaskResult:
-        return await self._execute(self._complete_workflow_task(completion, owner, now), True)
+        return await self._execute(
+            lambda: self._complete_workflow_task(completion, owner, now), True
+        )
 
     def _complete_workflow_task(
         self, c: WorkflowTaskCompletion, owner: str, now: float
@@ -449,17 +458,17 @@ class SqlStore(Store):
             raise StaleTaskError(
                 f"workflow task of run {run_id} is no longer leased by this worker"
             )
+        events = [*c.events, (WORKFLOW_TASK_COMPLETED, {"inputs_through": c.inputs_through})]
         row = yield Stmt(
             ONE,
-            "UPDATE runs SET task_version = task_version + 1, task_failure = NULL "
-            "WHERE run_id = ? AND task_version = ? AND status = 'running' "
-            "RETURNING next_seq, inbound_seq, task_version",
-            (run_id, task.task_version),
+            "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
+            "next_seq = next_seq + ? WHERE run_id = ? AND task_version = ? "
+            "AND status = 'running' RETURNING next_seq - ?, inbound_seq, task_version",
+            (len(events), run_id, task.task_version, len(events)),
         )
         if row is None:
             raise StaleTaskError(f"run {run_id} advanced past task version {task.task_version}")
         next_seq, inbound_seq, task_version = row
-        events = [*c.events, (WORKFLOW_TASK_COMPLETED, {"inputs_through": c.inputs_through})]
         yield Stmt(
             MANY,
             "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
@@ -557,13 +566,12 @@ class SqlStore(Store):
             yield Stmt(
                 EXEC,
                 "UPDATE runs SET status = ?, result = ?, failure = ?, closed_at = ?, "
-                "next_seq = ?, next_run_id = ? WHERE run_id = ?",
+                "next_run_id = ? WHERE run_id = ?",
                 (
                     c.close.status,
                     dumps(c.close.result) if c.close.status == COMPLETED else None,
                     dumps(c.close.failure) if c.close.failure is not None else None,
                     now,
-                    next_seq,
                     new_run.run_id if new_run is not None else None,
                     run_id,
                 ),
@@ -576,13 +584,9 @@ class SqlStore(Store):
                 )
             yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})")
         else:
-            yield Stmt(EXEC, "UPDATE runs SET next_seq = ? WHERE run_id = ?", (next_seq, run_id))
-            pending_update = yield Stmt(
-                ONE,
-                "SELECT 1 FROM updates WHERE run_id = ? AND state = 'requested' LIMIT 1",
-                (run_id,),
-            )
-            more_work = inbound_seq > c.inputs_through or pending_update is not None
+            # inbound_seq is a watermark that every new input (event or update request)
+            # raises: past what this task read means the workflow has more to do.
+            more_work = inbound_seq > c.inputs_through
             if more_work:
                 yield Stmt(
                     EXEC,
@@ -684,7 +688,7 @@ class SqlStore(Store):
                     (dumps(failure), task.run_id),
                 )
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)
 
     # -- activities -------------------------------------------------------------------
     async def claim_activity_tasks(
@@ -717,7 +721,7 @@ class SqlStore(Store):
                 tasks.append(_activity(full))
             return tasks
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def heartbeat_activity(
         self, task: ActivityTask, details: Any, lease_until: float
@@ -732,22 +736,72 @@ class SqlStore(Store):
             )
             return cancel_requested
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def finish_activity(
-        self, task: ActivityTask, event_type: str, data: dict[str, Any], now: float
-    ) -> None:
-        def op() -> Op[None]:
-            cancel_requested = yield from self._check_lease(task)
-            yield Stmt(
-                EXEC,
-                "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ?",
-                (task.run_id, task.seq),
+        self,
+        task: ActivityTask,
+        event_type: str,
+        data: dict[str, Any],
+        now: float,
+        claim: EagerClaim | None = None,
+    ) -> tuple[WorkflowTask, list[Event]] | None:
+        def op() -> Op[tuple[WorkflowTask, list[Event]] | None]:
+            deleted = yield Stmt(
+                ONE,
+                "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND token = ? "
+                "RETURNING cancel_requested",
+                (task.run_id, task.seq, task.token),
             )
-            if not cancel_requested:
-                yield from self._append_inbound(task.run_id, event_type, data, now)
+            if deleted is None:
+                raise self._stale(task)
+            if deleted[0]:
+                return None  # the workflow no longer waits for this result
+            appended = yield from self._append_inbound(task.run_id, event_type, data, now)
+            if not appended or claim is None:
+                return None
+            return (yield from self._claim_woken_task(task.run_id, claim, now))
 
-        await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
+
+    def _claim_woken_task(
+        self, run_id: str, claim: EagerClaim, now: float
+    ) -> Op[tuple[WorkflowTask, list[Event]] | None]:
+        token = self._token()
+        leased = yield Stmt(
+            ONE,
+            "UPDATE workflow_tasks SET owner = ?, token = ?, visible_at = ?, "
+            "attempt = attempt + 1 WHERE run_id = ? AND owner IS NULL AND visible_at <= ? "
+            "RETURNING attempt, task_queue",
+            (claim.owner, token, claim.lease_until, run_id, now),
+        )
+        if leased is None:
+            return None
+        run = yield Stmt(
+            ONE,
+            "SELECT workflow_id, workflow_type, namespace, task_version, next_seq, "
+            "EXISTS (SELECT 1 FROM updates u WHERE u.run_id = runs.run_id "
+            "AND u.state = 'requested') FROM runs WHERE run_id = ?",
+            (run_id,),
+        )
+        rows = yield Stmt(
+            ALL,
+            "SELECT seq, type, time, data FROM history WHERE run_id = ? AND seq > ? ORDER BY seq",
+            (run_id, claim.after_seq),
+        )
+        workflow_task = WorkflowTask(
+            run_id=run_id,
+            workflow_id=run[0],
+            workflow_type=run[1],
+            task_queue=leased[1],
+            namespace=run[2],
+            token=token,
+            attempt=leased[0],
+            task_version=run[3],
+            history_length=run[4] - 1,
+            has_updates=bool(run[5]),
+        )
+        return workflow_task, [Event(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
     async def retry_activity(
         self,
@@ -765,7 +819,7 @@ class SqlStore(Store):
                 (retry_at, dumps(failure), dumps(heartbeat_details), task.run_id, task.seq),
             )
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)
 
     async def expired_activity_tasks(self, now: float, limit: int) -> list[ActivityTask]:
         def op() -> Op[list[ActivityTask]]:
@@ -778,7 +832,7 @@ class SqlStore(Store):
             )
             return [_activity(r) for r in rows]
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     # -- timers, leases, housekeeping -----------------------------------------------
     async def fire_due_timers(self, now: float, limit: int) -> int:
@@ -797,7 +851,7 @@ class SqlStore(Store):
                     yield from self._append_inbound(run_id, TIMER_FIRED, {"seq": seq}, now)
             return len(due)
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def next_due_time(self) -> float | None:
         def op() -> Op[float | None]:
@@ -810,7 +864,7 @@ class SqlStore(Store):
             )
             return None if row is None else row[0]
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     async def leased_task_count(self) -> int:
         def op() -> Op[int]:
@@ -821,7 +875,7 @@ class SqlStore(Store):
             )
             return int(row[0])
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     async def renew_leases(
         self,
@@ -846,7 +900,7 @@ class SqlStore(Store):
                     [(lease_until, t.run_id, t.seq, t.token, now) for t in activity_tasks],
                 )
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)
 
     async def release_leases(self, owner: str, now: float) -> None:
         def op() -> Op[None]:
@@ -863,7 +917,7 @@ class SqlStore(Store):
                 (now, owner),
             )
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)
 
     async def register_worker(
         self,
@@ -883,7 +937,7 @@ class SqlStore(Store):
                 (task_queue, identity, dumps(workflow_types), dumps(activity_types), now),
             )
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)
 
     async def workflows_served(
         self, task_queue: str, since: float
@@ -904,7 +958,7 @@ class SqlStore(Store):
                         merged[kind] = sorted(set(merged.get(kind, [])) | set(names))
             return served
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     # -- messages and lifecycle -------------------------------------------------
     @staticmethod
@@ -953,7 +1007,7 @@ class SqlStore(Store):
             )
             return target
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def request_cancel(
         self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
@@ -965,7 +1019,7 @@ class SqlStore(Store):
             )
             return target
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def terminate_run(
         self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
@@ -975,7 +1029,7 @@ class SqlStore(Store):
             yield from self._terminate(target, reason, now)
             return target
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     def _terminate(self, run_id: str, reason: str, now: float) -> Op[None]:
         failure = {"kind": "terminated", "type": "Terminated", "message": reason}
@@ -1086,7 +1140,7 @@ class SqlStore(Store):
                 )
             return (yield from self._request_update(target, request, now))
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     def _request_update(self, run_id: str, request: UpdateRequest, now: float) -> Op[UpdateState]:
         yield Stmt(
@@ -1097,7 +1151,12 @@ class SqlStore(Store):
             "failure = NULL, created_at = excluded.created_at",
             (run_id, request.update_id, request.name, dumps(request.args), now),
         )
-        task_queue = yield Stmt(ONE, "SELECT task_queue FROM runs WHERE run_id = ?", (run_id,))
+        # Raise the inputs watermark so a workflow task running right now stays queued.
+        task_queue = yield Stmt(
+            ONE,
+            "UPDATE runs SET inbound_seq = next_seq WHERE run_id = ? RETURNING task_queue",
+            (run_id,),
+        )
         yield Stmt(
             EXEC,
             "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?) "
@@ -1118,7 +1177,7 @@ class SqlStore(Store):
         return UpdateState(run_id, update_id, row[0], loads(row[1]), loads(row[2]))
 
     async def get_update(self, run_id: str, update_id: str) -> UpdateState | None:
-        return await self._execute(self._update_state(run_id, update_id), writes=False)
+        return await self._execute(lambda: self._update_state(run_id, update_id), writes=False)
 
     async def pending_updates(self, run_id: str) -> list[UpdateRequest]:
         def op() -> Op[list[UpdateRequest]]:
@@ -1130,7 +1189,7 @@ class SqlStore(Store):
             )
             return [UpdateRequest(r[0], r[1], json.loads(r[2])) for r in rows]
 
-        return await self._execute(op(), writes=False)
+        return await self._execute(op, writes=False)
 
     async def create_query(
         self,
@@ -1151,7 +1210,7 @@ class SqlStore(Store):
                 (query_id, target, task_queue, name, dumps(args), now, now),
             )
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)
 
     async def claim_queries(
         self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
@@ -1178,7 +1237,7 @@ class SqlStore(Store):
                 )
             return tasks
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def answer_query(
         self, query: QueryTask, result: Any, failure: dict[str, Any] | None
@@ -1191,7 +1250,7 @@ class SqlStore(Store):
                 (dumps(result), dumps(failure) if failure else None, query.query_id, query.token),
             )
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)
 
     async def take_query_answer(self, query_id: str) -> tuple[bool, Any, dict[str, Any] | None]:
         def op() -> Op[tuple[bool, Any, dict[str, Any] | None]]:
@@ -1205,10 +1264,10 @@ class SqlStore(Store):
             yield Stmt(EXEC, "DELETE FROM queries WHERE query_id = ?", (query_id,))
             return True, loads(row[1]), loads(row[2])
 
-        return await self._execute(op(), writes=True)
+        return await self._execute(op, writes=True)
 
     async def drop_query(self, query_id: str) -> None:
         def op() -> Op[None]:
             yield Stmt(EXEC, "DELETE FROM queries WHERE query_id = ?", (query_id,))
 
-        await self._execute(op(), writes=True)
+        await self._execute(op, writes=True)

@@ -158,8 +158,9 @@ class _Op:
         self.writes = writes
 
 
-def _drive(op: Op[Any], conn: sqlite3.Connection) -> Any:
+def _drive(make: Callable[[], Op[Any]], conn: sqlite3.Connection) -> Any:
     """Run an operation's statements on ``conn`` until it returns its value."""
+    op = make()
     try:
         stmt = next(op)
         while True:
@@ -326,30 +327,17 @@ class SqliteStore(SqlStore):
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> bool:
         writes = any(op.writes for op in batch)
         before = conn.total_changes
-        results: list[tuple[_Op, bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-            for op in batch:
-                if len(batch) > 1 and op.writes:
-                    conn.execute("SAVEPOINT op")
-                    try:
-                        value = op.fn(conn)
-                    except BaseException as e:
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-                        results.append((op, False, e))
-                        continue
-                    conn.execute("RELEASE op")
-                    results.append((op, True, value))
-                else:
-                    try:
-                        results.append((op, True, op.fn(conn)))
-                    except BaseException as e:
-                        if len(batch) == 1:
-                            conn.execute("ROLLBACK")
-                        results.append((op, False, e))
-            if conn.in_transaction:
-                conn.execute("COMMIT")
+            results = self._run_ops(conn, batch, isolate=False)
+            if results is None:
+                # An operation failed after writing: redo the batch with each operation in
+                # its own savepoint, so its partial writes go and the others' stay.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                results = self._run_ops(conn, batch, isolate=True)
+                assert results is not None
+            conn.execute("COMMIT")
         except sqlite3.Error as e:
             if conn.in_transaction:
                 try:
@@ -362,6 +350,35 @@ class SqliteStore(SqlStore):
         _deliver(results)
         return conn.total_changes != before
 
+    @staticmethod
+    def _run_ops(
+        conn: sqlite3.Connection, batch: list[_Op], isolate: bool
+    ) -> list[tuple[_Op, bool, Any]] | None:
+        """Run each operation; None if one failed after writing (and ``isolate`` is off).
+
+        Most failures (a lost lease, a duplicate id) are found before anything is
+        written, so the common path needs no savepoint per operation.
+        """
+        results: list[tuple[_Op, bool, Any]] = []
+        for op in batch:
+            if isolate:
+                conn.execute("SAVEPOINT op")
+            changes = conn.total_changes
+            try:
+                value = op.fn(conn)
+            except BaseException as e:
+                if isolate:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                elif conn.total_changes != changes:
+                    return None
+                results.append((op, False, e))
+                continue
+            if isolate:
+                conn.execute("RELEASE op")
+            results.append((op, True, value))
+        return results
+
     def _notify(self) -> None:
         with self._waiters_lock:
             waiters, self._waiters = self._waiters, {}
@@ -371,14 +388,13 @@ class SqliteStore(SqlStore):
             except RuntimeError:
                 pass
 
-    async def _execute(self, op: Op[T], writes: bool) -> T:
+    async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
         if self._closed:
-            op.close()
             raise StoreError("the store is closed", retryable=False)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         (self._writes if writes else self._reads).put(
-            _Op(functools.partial(_drive, op), loop, fut, writes)
+            _Op(functools.partial(_drive, make), loop, fut, writes)
         )
         return await fut
 
