@@ -12,7 +12,12 @@ had happened but whose result was not yet recorded at the kill ran twice, with
 the same idempotency key. It exits non-zero if any check fails.
 
 Everything lives in one SQLite file in a scratch directory (``--dir``), wiped at
-the start of each run and kept afterwards for a look.
+the start of each run and kept afterwards for a look. To run the same demo on
+PostgreSQL, set one thing, the store URL:
+
+    TETHER_URL=postgresql://postgres@127.0.0.1/test make demo
+
+(each run then uses a namespace of its own in that database).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit, urlunsplit
 
 from order_app import (
     ACTIVITIES,
@@ -54,15 +60,26 @@ WORKER_IDENTITY = "demo-worker"
 """Fixed, so the restarted worker takes back the dead one's leases at once."""
 DEADLINE_SECONDS = 60.0
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "tether-order-demo"
+URL_ENV = "TETHER_URL"
+"""The store URL; unset, the demo uses a SQLite file in its scratch directory."""
+
+
+def shown(url: str) -> str:
+    """The URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
 
 
 # -- the worker process -------------------------------------------------------------------
-async def run_worker(db: Path) -> None:
+async def run_worker(url: str) -> None:
     """Serve the order workflows and activities until SIGTERM (or SIGKILL...)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
     )
-    client = await Client.connect(f"sqlite:///{db}")
+    client = await Client.connect(url)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     worker = Worker(
@@ -104,12 +121,12 @@ def read_ledger(path: Path) -> list[Effect]:
 
 
 class WorkerProcess:
-    def __init__(self, number: int, db: Path, ledger: Path, workdir: Path) -> None:
+    def __init__(self, number: int, url: str, ledger: Path, workdir: Path) -> None:
         self.number = number
         self.log_path = workdir / f"worker-{number}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", str(db)],
+            [sys.executable, os.path.abspath(__file__), "--worker", url],
             env={**os.environ, LEDGER_ENV: str(ledger)},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -174,23 +191,26 @@ class Crash:
 
 
 async def drive(workdir: Path, console: Console) -> bool:
-    db, ledger = workdir / "orders.db", workdir / "ledger.txt"
+    ledger = workdir / "ledger.txt"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
+    url = os.environ.get(URL_ENV) or f"sqlite:///{workdir / 'orders.db'}"
+    # A shared database keeps earlier runs' orders: this run gets a namespace of its own.
+    namespace = f"demo-{int(time.time())}" if os.environ.get(URL_ENV) else "default"
     total_steps = N_ORDERS * len(STEPS)
     console.print(
         f"[bold]Tether order demo[/]: {N_ORDERS} orders, each {' -> '.join(STEPS)} "
         "with a durable 1 s wait for the pickup window before shipping.\n"
-        f"Store: [cyan]{db}[/]   side-effect ledger: [cyan]{ledger}[/]"
+        f"Store: [cyan]{shown(url)}[/]   side-effect ledger: [cyan]{ledger}[/]"
     )
     start = time.monotonic()
 
     def say(message: str) -> None:
         console.print(f"[dim]{time.monotonic() - start:5.2f}s[/]  {message}")
 
-    workers = [WorkerProcess(1, db, ledger, workdir)]
+    workers = [WorkerProcess(1, url, ledger, workdir)]
     say(f"worker 1 started in a child process (pid {workers[0].pid}, identity {WORKER_IDENTITY!r})")
-    client = await Client.connect(f"sqlite:///{db}")
+    client = await Client.connect(url, namespace=namespace)
     orders = [
         Order(f"order-{i:03d}", 1000 + (i * 1237) % 9000, flaky_inventory=i % 4 == 1)
         for i in range(1, N_ORDERS + 1)
@@ -237,7 +257,7 @@ async def drive(workdir: Path, console: Console) -> bool:
                         f"effect done but no recorded result; {len(crash.sleeping)} orders asleep "
                         "on a durable timer"
                     )
-                    workers.append(WorkerProcess(2, db, ledger, workdir))
+                    workers.append(WorkerProcess(2, url, ledger, workdir))
                     say(
                         f"[bold green]worker 2 started[/] (pid {workers[-1].pid}) with the same "
                         "identity: it takes back worker 1's leases at once"
@@ -403,11 +423,11 @@ async def report(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--worker", metavar="DB", help="run as the worker process on DB")
+    parser.add_argument("--worker", metavar="URL", help="run as the worker process on URL")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="scratch directory")
     args = parser.parse_args()
     if args.worker:
-        asyncio.run(run_worker(Path(args.worker)))
+        asyncio.run(run_worker(args.worker))
         return 0
     console = Console()
     ok = asyncio.run(drive(args.dir.resolve(), console))

@@ -20,6 +20,7 @@ from typing import Any
 from tether._runtime.activity_context import ActivityContext, ActivityInfo
 from tether._runtime.activity_context import current as current_activity
 from tether._runtime.clock import Clock, SkippingClock
+from tether._runtime.connection import open_store
 from tether._runtime.definitions import workflow_definition
 from tether._runtime.instance import WorkflowInfo, WorkflowInstance, WorkflowTaskFailure
 from tether._store.base import Event
@@ -27,6 +28,7 @@ from tether._store.sqlite import SqliteStore
 from tether.client import Client, HistoryEvent
 from tether.common import Duration, to_seconds
 from tether.converter import PayloadConverter
+from tether.exceptions import InvalidArgumentError
 
 __all__ = ["ActivityEnvironment", "WorkflowEnvironment", "replay"]
 
@@ -40,20 +42,31 @@ class WorkflowEnvironment:
         self._skipper: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start_local(cls, path: str | None = None) -> WorkflowEnvironment:
-        """An environment on the wall clock (a temporary SQLite file unless ``path``)."""
-        return await cls._start(path, Clock())
+    async def start_local(
+        cls, path: str | None = None, *, url: str | None = None
+    ) -> WorkflowEnvironment:
+        """An environment on the wall clock: on a temporary SQLite file, or the SQLite
+        file at ``path``, or the store at ``url`` (``postgresql://...`` for example)."""
+        return await cls._start(path, url, Clock())
 
     @classmethod
-    async def start_time_skipping(cls, path: str | None = None) -> WorkflowEnvironment:
-        """An environment whose clock skips ahead while everything waits on timers."""
+    async def start_time_skipping(
+        cls, path: str | None = None, *, url: str | None = None
+    ) -> WorkflowEnvironment:
+        """An environment whose clock skips ahead while everything waits on timers
+        (its store as for ``start_local``)."""
         clock = SkippingClock()
-        env = await cls._start(path, clock)
+        env = await cls._start(path, url, clock)
         env._skipper = asyncio.create_task(env._skip_time(clock))
         return env
 
     @classmethod
-    async def _start(cls, path: str | None, clock: Clock) -> WorkflowEnvironment:
+    async def _start(cls, path: str | None, url: str | None, clock: Clock) -> WorkflowEnvironment:
+        if url is not None:
+            if path is not None:
+                raise InvalidArgumentError("give a SQLite path or a store URL, not both")
+            store = await open_store(url)
+            return cls(Client(store, clock=clock, converter=PayloadConverter()), None)
         directory = None
         if path is None:
             directory = tempfile.mkdtemp(prefix="tether-test-")

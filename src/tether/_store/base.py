@@ -187,6 +187,8 @@ class RunInfo:
     memo: dict[str, Any] | None = None
     search_attributes: dict[str, Any] | None = None
     parent_run_id: str | None = None
+    next_run_id: str | None = None
+    """The run this one continued as new into."""
 
 
 @dataclass(slots=True)
@@ -270,6 +272,9 @@ class WorkflowTaskCompletion:
     cancel_children: list[int] = field(default_factory=list)
     search_attributes: dict[str, Any] | None = None
     """Attributes to merge into the run's search attributes."""
+    record: bool = True
+    """False when the task read no new inputs and decided nothing (it only rejected
+    update requests): no history is written, so a rejected update leaves no trace."""
 
 
 @dataclass(slots=True)

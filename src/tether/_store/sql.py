@@ -21,6 +21,7 @@ from tether._store.base import (
     CHILD_WORKFLOW_COMPLETED,
     CHILD_WORKFLOW_FAILED,
     COMPLETED,
+    CONTINUED_AS_NEW,
     SIGNAL_RECEIVED,
     TERMINATED,
     TIMED_OUT,
@@ -44,6 +45,7 @@ from tether._store.base import (
     WorkflowTaskCompletion,
     WorkflowTaskResult,
 )
+from tether._store.faults import FaultInjector
 from tether.exceptions import StaleTaskError, WorkflowAlreadyStartedError, WorkflowNotFoundError
 
 T = TypeVar("T")
@@ -76,6 +78,10 @@ class Dialect:
         """Suffix for a claim query so concurrent claimers take different rows."""
         return f"FOR UPDATE OF {alias} SKIP LOCKED" if self.row_locks else ""
 
+    def for_update(self) -> str:
+        """Suffix for a read whose row must not change before the transaction ends."""
+        return "FOR UPDATE" if self.row_locks else ""
+
 
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -90,7 +96,8 @@ def loads(text: str | None) -> Any:
 
 _RUN_COLUMNS = (
     "namespace, workflow_id, run_id, workflow_type, task_queue, status, created_at, "
-    "closed_at, result, failure, next_seq, task_failure, memo, search_attributes, parent_run_id"
+    "closed_at, result, failure, next_seq, task_failure, memo, search_attributes, parent_run_id, "
+    "next_run_id"
 )
 _ACTIVITY_COLUMNS = (
     "a.run_id, r.workflow_id, r.workflow_type, a.seq, a.activity_type, a.task_queue, a.args, "
@@ -116,6 +123,7 @@ def _run_info(row: Any) -> RunInfo:
         memo=loads(row[12]),
         search_attributes=loads(row[13]),
         parent_run_id=row[14],
+        next_run_id=row[15],
     )
 
 
@@ -146,6 +154,8 @@ class SqlStore(Store):
     def __init__(self) -> None:
         self._token_prefix = secrets.token_hex(6)
         self._token_counter = itertools.count()
+        self.faults: FaultInjector | None = FaultInjector.from_env()
+        """Fails a fraction of calls on purpose when set (testing; see ``faults.py``)."""
 
     @abc.abstractmethod
     async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
@@ -175,7 +185,7 @@ class SqlStore(Store):
         running = yield Stmt(
             ONE,
             "SELECT run_id FROM runs WHERE namespace = ? AND workflow_id = ? "
-            "AND status = 'running'",
+            f"AND status = 'running' {self.dialect.for_update()}",
             (run.namespace, run.workflow_id),
         )
         if running is not None:
@@ -380,12 +390,12 @@ class SqlStore(Store):
         )
         return True
 
-    @staticmethod
-    def _check_lease(task: ActivityTask) -> Op[bool]:
+    def _check_lease(self, task: ActivityTask) -> Op[bool]:
         """Fail unless ``task`` still holds its lease; return whether cancel was requested."""
         row = yield Stmt(
             ONE,
-            "SELECT token, cancel_requested FROM activity_tasks WHERE run_id = ? AND seq = ?",
+            "SELECT token, cancel_requested FROM activity_tasks WHERE run_id = ? AND seq = ? "
+            f"{self.dialect.for_update()}",
             (task.run_id, task.seq),
         )
         if row is None or row[0] != task.token:
@@ -459,6 +469,8 @@ class SqlStore(Store):
                 f"workflow task of run {run_id} is no longer leased by this worker"
             )
         events = [*c.events, (WORKFLOW_TASK_COMPLETED, {"inputs_through": c.inputs_through})]
+        if not c.record:
+            events = []
         row = yield Stmt(
             ONE,
             "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
@@ -469,11 +481,13 @@ class SqlStore(Store):
         if row is None:
             raise StaleTaskError(f"run {run_id} advanced past task version {task.task_version}")
         next_seq, inbound_seq, task_version = row
-        yield Stmt(
-            MANY,
-            "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
-            [(run_id, next_seq + i, t, now, dumps(d)) for i, (t, d) in enumerate(events)],
-        )
+        if events:
+            yield Stmt(
+                MANY,
+                "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
+                [(run_id, next_seq + i, t, now, dumps(d)) for i, (t, d) in enumerate(events)],
+            )
+        read_until = next_seq  # no event has this seq yet: only update requests raise to it
         next_seq += len(events)
         if c.timers:
             yield Stmt(
@@ -587,6 +601,15 @@ class SqlStore(Store):
             # inbound_seq is a watermark that every new input (event or update request)
             # raises: past what this task read means the workflow has more to do.
             more_work = inbound_seq > c.inputs_through
+            if more_work and inbound_seq >= read_until:
+                # Raised by an update request, not an event: this task may have handled
+                # it. Only a request still waiting is more work.
+                waiting = yield Stmt(
+                    ONE,
+                    "SELECT 1 FROM updates WHERE run_id = ? AND state = 'requested' LIMIT 1",
+                    (run_id,),
+                )
+                more_work = waiting is not None
             if more_work:
                 yield Stmt(
                     EXEC,
@@ -961,25 +984,46 @@ class SqlStore(Store):
         return await self._execute(op, writes=False)
 
     # -- messages and lifecycle -------------------------------------------------
-    @staticmethod
     def _find_run(
-        namespace: str, workflow_id: str, run_id: str | None, running: bool
+        self, namespace: str, workflow_id: str, run_id: str | None, running: bool
     ) -> Op[tuple[str, str, str]]:
-        """(run_id, status, task_queue) of the given or latest run; must be running if asked."""
+        """(run_id, status, task_queue) of the given or latest run; must be running if asked.
+
+        The row stays locked (concurrent backends) so that the run cannot close before
+        the caller's signal, cancel or update is recorded.
+        """
+        lock = self.dialect.for_update()
         if run_id is None:
-            row = yield Stmt(
-                ONE,
+            latest = (
                 "SELECT run_id, status, task_queue FROM runs WHERE namespace = ? "
-                "AND workflow_id = ? ORDER BY created_at DESC LIMIT 1",
-                (namespace, workflow_id),
+                f"AND workflow_id = ? ORDER BY created_at DESC LIMIT 1 {lock}"
             )
+            row = yield Stmt(ONE, latest, (namespace, workflow_id))
+            # Locking waited for a transaction that closed the run? It may have started
+            # its successor (continue-as-new): look again.
+            for _ in range(3 if lock else 0):
+                if row is None or row[1] == "running":
+                    break
+                again = yield Stmt(ONE, latest, (namespace, workflow_id))
+                if again is None or again[0] == row[0]:
+                    break
+                row = again
         else:
             row = yield Stmt(
                 ONE,
-                "SELECT run_id, status, task_queue FROM runs WHERE run_id = ? "
-                "AND namespace = ? AND workflow_id = ?",
+                "SELECT run_id, status, task_queue, next_run_id FROM runs WHERE run_id = ? "
+                f"AND namespace = ? AND workflow_id = ? {lock}",
                 (run_id, namespace, workflow_id),
             )
+            # A run that continued as new stands for its chain: follow it to the run
+            # that carries it on now (never to an unrelated later run of the same id).
+            while row is not None and row[1] == CONTINUED_AS_NEW and row[3] is not None:
+                row = yield Stmt(
+                    ONE,
+                    "SELECT run_id, status, task_queue, next_run_id FROM runs "
+                    f"WHERE run_id = ? {lock}",
+                    (row[3],),
+                )
         which = f"run {run_id!r} of " if run_id else ""
         if row is None:
             raise WorkflowNotFoundError(
@@ -1131,6 +1175,20 @@ class SqlStore(Store):
         def op() -> Op[UpdateState]:
             target, status, _ = yield from self._find_run(namespace, workflow_id, run_id, False)
             existing = yield from self._update_state(target, request.update_id)
+            if existing is None:
+                # Handled by a run that has continued as new since: same id, same result.
+                row = yield Stmt(
+                    ONE,
+                    "SELECT u.run_id, u.state, u.result, u.failure FROM runs r JOIN updates u "
+                    "ON u.run_id = r.run_id AND u.update_id = ? WHERE r.namespace = ? "
+                    "AND r.workflow_id = ? AND r.status = ? ORDER BY r.created_at DESC LIMIT 1",
+                    (request.update_id, namespace, workflow_id, CONTINUED_AS_NEW),
+                )
+                if row is not None:
+                    run, state, result, failure = row
+                    existing = UpdateState(
+                        run, request.update_id, state, loads(result), loads(failure)
+                    )
             if existing is not None and existing.state != "rejected":
                 return existing  # the same update id: deduplicated
             if status != "running":

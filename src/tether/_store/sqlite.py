@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from tether._store import migrations
 from tether._store.sql import ALL, EXEC, ONE, Dialect, Op, SqlStore
 from tether.exceptions import (
     StoreError,
@@ -28,116 +29,8 @@ from tether.exceptions import (
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    namespace TEXT NOT NULL,
-    workflow_id TEXT NOT NULL,
-    workflow_type TEXT NOT NULL,
-    task_queue TEXT NOT NULL,
-    status TEXT NOT NULL,
-    request_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    closed_at REAL,
-    result TEXT,
-    failure TEXT,
-    next_seq INTEGER NOT NULL,
-    inbound_seq INTEGER NOT NULL,
-    task_version INTEGER NOT NULL DEFAULT 0,
-    task_failure TEXT,
-    parent_run_id TEXT,
-    parent_seq INTEGER,
-    parent_close_policy TEXT,
-    memo TEXT,
-    search_attributes TEXT,
-    execution_deadline REAL,
-    run_timeout REAL,
-    next_run_id TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_parent ON runs(parent_run_id);
-CREATE UNIQUE INDEX IF NOT EXISTS runs_open_workflow_id
-    ON runs(namespace, workflow_id) WHERE status = 'running';
-CREATE INDEX IF NOT EXISTS runs_by_workflow_id ON runs(namespace, workflow_id, created_at);
-CREATE INDEX IF NOT EXISTS runs_by_created ON runs(namespace, created_at);
-CREATE TABLE IF NOT EXISTS history (
-    run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    time REAL NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (run_id, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS workflow_tasks (
-    run_id TEXT PRIMARY KEY,
-    task_queue TEXT NOT NULL,
-    visible_at REAL NOT NULL,
-    owner TEXT,
-    token TEXT,
-    attempt INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS workflow_tasks_ready ON workflow_tasks(task_queue, visible_at);
-CREATE TABLE IF NOT EXISTS activity_tasks (
-    run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    task_queue TEXT NOT NULL,
-    activity_type TEXT NOT NULL,
-    args TEXT NOT NULL,
-    options TEXT NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    scheduled_at REAL NOT NULL,
-    visible_at REAL NOT NULL,
-    owner TEXT,
-    token TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    heartbeat_details TEXT,
-    last_failure TEXT,
-    PRIMARY KEY (run_id, seq)
-);
-CREATE INDEX IF NOT EXISTS activity_tasks_ready ON activity_tasks(task_queue, visible_at);
-CREATE INDEX IF NOT EXISTS activity_tasks_leases ON activity_tasks(owner, visible_at);
-CREATE TABLE IF NOT EXISTS timers (
-    run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    fire_at REAL NOT NULL,
-    PRIMARY KEY (run_id, seq)
-);
-CREATE INDEX IF NOT EXISTS timers_due ON timers(fire_at);
-CREATE TABLE IF NOT EXISTS queries (
-    query_id TEXT PRIMARY KEY,
-    run_id TEXT NOT NULL,
-    task_queue TEXT NOT NULL,
-    name TEXT NOT NULL,
-    args TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    visible_at REAL NOT NULL,
-    owner TEXT,
-    token TEXT,
-    answered INTEGER NOT NULL DEFAULT 0,
-    result TEXT,
-    failure TEXT
-);
-CREATE INDEX IF NOT EXISTS queries_ready ON queries(task_queue, answered, visible_at);
-CREATE TABLE IF NOT EXISTS updates (
-    run_id TEXT NOT NULL,
-    update_id TEXT NOT NULL,
-    name TEXT NOT NULL,
-    args TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    result TEXT,
-    failure TEXT,
-    PRIMARY KEY (run_id, update_id)
-);
-CREATE INDEX IF NOT EXISTS updates_pending ON updates(run_id, state);
-CREATE TABLE IF NOT EXISTS workers (
-    task_queue TEXT NOT NULL,
-    identity TEXT NOT NULL,
-    workflow_types TEXT NOT NULL,
-    activity_types TEXT NOT NULL,
-    last_seen REAL NOT NULL,
-    PRIMARY KEY (task_queue, identity)
-);
-"""
+# The schema lives in migrations/sqlite/NNNN_*.sql (and the same change for PostgreSQL
+# in migrations/postgres/): add a new numbered file to both to change it.
 
 _MAX_BATCH = 512
 
@@ -260,15 +153,11 @@ class SqliteStore(SqlStore):
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            migrations.migrate_sqlite(conn)
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.close()
             raise
-        conn.execute("COMMIT")
         return conn
 
     # -- the threads -------------------------------------------------------------
@@ -391,12 +280,17 @@ class SqliteStore(SqlStore):
     async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
         if self._closed:
             raise StoreError("the store is closed", retryable=False)
+        if self.faults is not None:
+            self.faults.before(writes)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         (self._writes if writes else self._reads).put(
             _Op(functools.partial(_drive, make), loop, fut, writes)
         )
-        return await fut
+        value = await fut
+        if self.faults is not None:
+            self.faults.after(writes)
+        return value
 
     def change_waiter(self) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,183 @@
+"""The PostgreSQL driver: connection loss, wake-ups across processes, clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from backends import database_url
+from tether import Client, InvalidArgumentError, StoreError
+from tether._store.base import NewRun
+from tether._store.postgres import PostgresStore, redact, translate
+
+NOW = 1_000_000.0
+
+
+def new_run(n: int) -> NewRun:
+    return NewRun("default", f"wf-{n}", f"run-{n}", "Flow", "q", [n], f"req-{n}", 1, NOW)
+
+
+@pytest.fixture
+async def store(fresh_postgres: str) -> AsyncIterator[PostgresStore]:
+    s = await PostgresStore.open(fresh_postgres)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def terminate_connections(url: str, *, except_pids: tuple[int, ...] = ()) -> int:
+    """Kill every other session on the database, as a server restart would."""
+    conn = await asyncpg.connect(url)
+    try:
+        pids = (*except_pids, conn.get_server_pid())
+        return int(
+            await conn.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid != ALL($1::int[])",
+                list(pids),
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def test_placeholders_are_translated_outside_literals() -> None:
+    assert translate("SELECT ? , '?' , ?") == "SELECT $1 , '?' , $2"
+    assert translate("UPDATE t SET a = ? WHERE b = 'x' AND c = ?") == (
+        "UPDATE t SET a = $1 WHERE b = 'x' AND c = $2"
+    )
+
+
+def test_urls_in_messages_hide_the_password() -> None:
+    assert redact("postgresql://app:s3cret@db.example:6543/prod") == (
+        "postgresql://db.example:6543/prod"
+    )
+
+
+async def test_lost_connections_are_replaced_and_calls_carry_on(
+    fresh_postgres: str, store: PostgresStore
+) -> None:
+    for n in range(5):
+        await store.start_run(new_run(n))
+        await store.get_run("default", f"wf-{n}", None)
+    killed = await terminate_connections(fresh_postgres)
+    assert killed >= 3  # committers, listener, pooled reader
+    # Reads and writes after the loss reconnect without the caller noticing.
+    for n in range(5, 10):
+        await store.start_run(new_run(n))
+    assert len(await store.list_runs("default")) == 10
+    # The listener came back too: another process's commit wakes this one.
+    other = await PostgresStore.open(fresh_postgres)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            waiter = store.change_waiter()
+            await other.start_run(new_run(100))
+            try:
+                await asyncio.wait_for(waiter, 1.0)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "no wake-up after the listener reconnected"
+                await other.terminate_run("default", "wf-100", None, "again", NOW)
+    finally:
+        await other.close()
+
+
+async def test_commits_of_one_process_wake_another(fresh_postgres: str) -> None:
+    a = await PostgresStore.open(fresh_postgres)
+    b = await PostgresStore.open(fresh_postgres)
+    try:
+        waiter = b.change_waiter()
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        started = time.monotonic()
+        await a.start_run(new_run(1))
+        await asyncio.wait_for(waiter, 2.0)
+        assert time.monotonic() - started < 0.5
+        assert b.stats["notifications"] >= 1
+        # A claim that finds nothing changes nothing and wakes nobody.
+        quiet = b.change_waiter()
+        await a.claim_workflow_tasks("other-queue", "w", 10, NOW + 10, NOW)
+        await asyncio.sleep(0.2)
+        assert not quiet.done()
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_batch_cut_off_mid_transaction_is_run_again(
+    fresh_postgres: str, store: PostgresStore
+) -> None:
+    """The connection dies while a write waits on a lock: nothing of it committed, so
+    it is run again on a new connection, and applied once."""
+    await store.start_run(new_run(1))
+    (task,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 10, NOW)
+    locker = await asyncpg.connect(fresh_postgres)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("SELECT 1 FROM runs WHERE run_id = 'run-1' FOR UPDATE")
+        signal = asyncio.ensure_future(store.signal_run("default", "wf-1", None, "poke", [1], NOW))
+        deadline = time.monotonic() + 10
+        while True:
+            blocked = await pg_column(
+                fresh_postgres,
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'",
+            )
+            if blocked:
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await pg_column(fresh_postgres, f"SELECT pg_terminate_backend({blocked[0]})")
+        await tx.rollback()
+        assert await asyncio.wait_for(signal, 10) == "run-1"
+    finally:
+        await locker.close()
+    history = await store.read_history("run-1")
+    assert [e.type for e in history] == ["WorkflowStarted", "SignalReceived"]
+    assert store.stats["retried_operations"] >= 1
+    assert task.run_id == "run-1"
+
+
+async def pg_column(url: str, query: str) -> list[object]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [r[0] for r in await conn.fetch(query)]
+    finally:
+        await conn.close()
+
+
+async def test_unreachable_server_gives_a_clear_error() -> None:
+    started = time.monotonic()
+    with pytest.raises(StoreError, match=r"cannot connect to PostgreSQL at .*127\.0\.0\.1:1/") as e:
+        await PostgresStore.open("postgresql://postgres@127.0.0.1:1/tether", reconnect_timeout=0.3)
+    assert e.value.retryable
+    assert "is the server running and the URL right?" in str(e.value)
+    assert time.monotonic() - started < 5
+
+
+async def test_unknown_database_is_not_retried(postgres_url: str) -> None:
+    url = database_url("tether_no_such_database", postgres_url)
+    started = time.monotonic()
+    with pytest.raises(StoreError, match='database "tether_no_such_database" does not exist') as e:
+        await Client.connect(url)
+    assert not e.value.retryable
+    assert time.monotonic() - started < 5
+
+
+async def test_bad_scheme_names_both_backends() -> None:
+    with pytest.raises(InvalidArgumentError, match="postgresql://user@host:port/database"):
+        await Client.connect("mysql://localhost/tether")
+
+
+async def test_closed_store_refuses_calls(store: PostgresStore) -> None:
+    await store.close()
+    with pytest.raises(StoreError, match="closed") as e:
+        await store.start_run(new_run(1))
+    assert not e.value.retryable
