@@ -91,3 +91,16 @@ async def test_cli_checks_runs_in_a_store(tmp_path: pathlib.Path) -> None:
     assert run_cli("--module", "golden_app", "--store", url).returncode == 0
     bad = run_cli("--module", "golden_app_v3", "--store", url)
     assert bad.returncode == 1 and "BREAKS OrderFlow stored" in bad.stdout
+
+
+def test_tether_console_command_exits_non_zero_for_breaking_code() -> None:
+    tether = pathlib.Path(sys.executable).parent / "tether"
+    command = [str(tether)] if tether.exists() else [sys.executable, "-m", "tether.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    args = ["replay-check", "--history-dir", "tests/golden", "--module"]
+    ok = subprocess.run([*command, *args, "golden_app"], cwd=ROOT, env=env, timeout=60)
+    assert ok.returncode == 0
+    bad = subprocess.run(
+        [*command, *args, "golden_app_v3"], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    assert bad.returncode == 1

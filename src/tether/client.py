@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as _dt
+import inspect
 import secrets
 import uuid
 from collections.abc import Callable
@@ -126,8 +127,12 @@ class Client:
         namespace: str = "default",
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> Client:
-        """Connect to the store at ``url`` (``sqlite:///path/to/file.db``), creating it if new."""
-        store = await asyncio.get_running_loop().run_in_executor(None, open_store, url)
+        """Connect to the store at ``url``, creating its schema if new.
+
+        ``sqlite:///path/to/file.db`` (embedded) or ``postgresql://user@host/database``:
+        the URL is the only difference between the two.
+        """
+        store = await open_store(url)
         return cls(store, namespace=namespace, converter=PayloadConverter(max_payload_bytes))
 
     @property
@@ -269,6 +274,13 @@ class Client:
                     f"workflow {defn.name} has no {what} handler {name!r} "
                     f"(it has: {', '.join(sorted(handlers)) or 'none'})"
                 )
+            method = getattr(defn.cls, handlers[name].method)
+            try:
+                inspect.signature(method).bind(None, *args)  # None stands for self
+            except TypeError as e:
+                raise InvalidArgumentError(
+                    f"{what} {name!r} of workflow {defn.name}: {e} (got {len(args)})"
+                ) from None
             self.converter.decode_args(payload, handlers[name].arg_hints, f"{what} {name!r}")
         return payload
 
@@ -435,7 +447,7 @@ class WorkflowHandle:
                         await self.client._closed_watcher.wait(run.run_id)
                         run = await store.get_run(namespace, self.id, run.run_id)
                     elif run.status == CONTINUED_AS_NEW:
-                        run = await store.get_run(namespace, self.id, None)
+                        run = await store.get_run(namespace, self.id, run.next_run_id)
                     else:
                         break
         finally:
@@ -560,6 +572,12 @@ class WorkflowHandle:
                 while True:
                     change = store.change_waiter()
                     state = await store.get_update(run_id, update_id)
+                    if state is None:
+                        # Continue-as-new moved the request on to the workflow's next run.
+                        latest = await store.get_run(self.client.namespace, self.id, None)
+                        state = await store.get_update(latest.run_id, update_id)
+                        if state is not None:
+                            run_id = latest.run_id
                     if state is not None and state.state in ("completed", "rejected"):
                         break
                     with contextlib.suppress(TimeoutError):

@@ -152,10 +152,10 @@ class Engine:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         now = self.clock.now()
-        await self._register(now)
+        await self._persist(lambda: self._register(now))
         # A restart with the same identity takes back its own work at once instead
         # of waiting for its old leases to lapse.
-        await self.store.release_leases(self.identity, now)
+        await self._persist(lambda: self.store.release_leases(self.identity, now))
         loops: list[Callable[[], Coroutine[Any, Any, None]]] = [self._timer_loop, self._lease_loop]
         if self.workflows:
             loops += [self._workflow_loop, self._query_loop]
@@ -213,11 +213,16 @@ class Engine:
         finally:
             sleeper.cancel()
 
-    async def _guarded(self, what: str, step: Callable[[], Awaitable[float | None]]) -> None:
-        """Run ``step`` until stopped; it returns how long to wait for work (None: no wait)."""
+    async def _guarded(
+        self, what: str, step: Callable[[], Awaitable[float | None]], wakeful: bool = True
+    ) -> None:
+        """Run ``step`` until stopped; it returns how long to wait for work (None: no wait).
+
+        A ``wakeful`` loop also runs again when the store changes or the engine kicks it.
+        """
         backoff = 0.05
         while not self._stopping:
-            waiter = self.store.change_waiter()
+            waiter = self.store.change_waiter() if wakeful else None
             try:
                 delay = await step()
                 backoff = 0.05
@@ -228,8 +233,12 @@ class Engine:
                 logger.log(level, "%s loop: %s; retrying in %.2fs", what, e, backoff, exc_info=True)
                 delay = backoff
                 backoff = min(backoff * 2, 5.0)
-            if delay is not None:
+            if delay is None:
+                continue
+            if waiter is not None:
                 await self._wait(waiter, delay)
+            else:
+                await self.clock.wait(delay)
 
     async def _register(self, now: float) -> None:
         handlers = {name: d.handler_names() for name, d in self.workflows.items()}
@@ -385,7 +394,10 @@ class Engine:
         self, task: WorkflowTask, inst: WorkflowInstance, commands: list[Command], now: float
     ) -> tuple[WorkflowTaskCompletion, int]:
         completion = WorkflowTaskCompletion(
-            task=task, events=commands, inputs_through=inst.last_seq
+            task=task,
+            events=commands,
+            inputs_through=inst.last_seq,
+            record=bool(commands) or inst.read_new_inputs,
         )
         updates: dict[str, UpdateState] = {}
         for event_type, data in commands:
@@ -834,7 +846,8 @@ class Engine:
                     raise outcome
             return interval
 
-        await self._guarded("lease", step)
+        # On a timer only: its own writes (renewals, registration) must not wake it.
+        await self._guarded("lease", step, wakeful=False)
 
 
 class _HeartbeatFlusher:

@@ -88,6 +88,9 @@ BUG_EXCEPTION_TYPES: tuple[type[BaseException], ...] = (
 
 STACK_TRACE_QUERY = "__stack_trace"
 
+# Delivered first in an activation (WorkflowStarted creates the workflow object).
+_MESSAGE_EVENTS = frozenset({WORKFLOW_STARTED, SIGNAL_RECEIVED, UPDATE_ACCEPTED})
+
 
 class ContinueAsNew(BaseException):
     """Raised by ``workflow.continue_as_new``: end this run and start it afresh."""
@@ -198,6 +201,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._replay_expected: list[Event] = []
         self._patches: dict[str, bool] = {}
         self.rejected_updates: list[tuple[str, dict[str, Any]]] = []
+        self.read_new_inputs = False
+        """Whether the last ``apply`` delivered new inbound events to the workflow."""
         self.cancel_requested = False
         self.poisoned = False
         """A query changed state: the instance must not be used for tasks any more."""
@@ -227,6 +232,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         nondeterminism; the instance is then unusable and must be dropped.
         """
         self.rejected_updates = []
+        self.read_new_inputs = False
         skip_from, skip_to = self._committed
         for event in events:
             if event.seq <= self.last_seq:
@@ -257,6 +263,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             ]
             return []
         inbound, self._undelivered = self._undelivered, []
+        self.read_new_inputs = bool(inbound)
         self.replaying = False
         self._replay_expected = []
         accepted: list[Command] = []
@@ -309,10 +316,17 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         previous = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self)
         try:
+            # Messages reach their handlers before code waiting on other events resumes:
+            # a run that continues as new (or completes) on an activity result or timer
+            # has seen the signals and updates that arrived with it.
             for event in inbound:
-                self._deliver(event)
+                if event.type in _MESSAGE_EVENTS:
+                    self._deliver(event)
             if then is not None:
                 then()
+            for event in inbound:
+                if event.type not in _MESSAGE_EVENTS:
+                    self._deliver(event)
         finally:
             asyncio.events._set_running_loop(previous)
         self._run_until_idle()
@@ -475,13 +489,14 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                     name,
                 )
             return
+        method = getattr(self.workflow_object, handler.method)
         try:
             decoded = self.converter.decode_args(args, handler.arg_hints, f"signal {name!r}")
+            _check_arity(method, decoded, f"signal {name!r}")
         except PayloadError as e:
             if not self.replaying:
                 logger.warning("signal %r to %s dropped: %s", name, self.info.workflow_id, e)
             return
-        method = getattr(self.workflow_object, handler.method)
         self._track(self.create_task(self._guard_handler(method, decoded), name=f"signal {name}"))
 
     async def _guard_handler(self, method: Callable[..., Any], args: list[Any]) -> None:
@@ -514,6 +529,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 args = self.converter.decode_args(
                     request.args, handler.arg_hints, f"update {request.name!r}"
                 )
+                method = getattr(self.workflow_object, handler.method)
+                _check_arity(method, args, f"update {request.name!r}")
                 if handler.validator is not None:
                     getattr(self.workflow_object, handler.validator)(*args)
             except Exception as e:
@@ -560,6 +577,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         previous = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self)
         try:
+            if self.workflow_object is None:
+                # No workflow task has run yet: answer from the state the class starts with.
+                self.workflow_object = self.defn.cls()
             result = getattr(self.workflow_object, handler.method)(*decoded)
         finally:
             asyncio.events._set_running_loop(previous)
@@ -851,6 +871,14 @@ def _describe(event_type: str, data: dict[str, Any]) -> str:
     if "seq" in data:
         return f"{event_type}(seq {data['seq']})"
     return event_type
+
+
+def _check_arity(method: Callable[..., Any], args: list[Any], what: str) -> None:
+    """Raise ``PayloadError`` if ``method`` cannot be called with ``args``."""
+    try:
+        inspect.signature(method).bind(*args)
+    except TypeError as e:
+        raise PayloadError(f"{what}: {e} (got {len(args)})") from None
 
 
 def _cancelled_failure() -> dict[str, Any]:
