@@ -58,6 +58,9 @@ from tether._store.base import (
     WORKFLOW_COMPLETED,
     WORKFLOW_CONTINUED_AS_NEW,
     WORKFLOW_FAILED,
+    WORKFLOW_TASK_COMPLETED,
+    WORKFLOW_TERMINATED,
+    WORKFLOW_TIMED_OUT,
     ActivityTask,
     EagerClaim,
     Event,
@@ -84,6 +87,9 @@ from tether.exceptions import (
 logger = logging.getLogger("tether.worker")
 
 T = TypeVar("T")
+
+_FIRST_TASK_WAIT = 5.0
+"""How long a query waits for a new run's first workflow task before answering anyway."""
 
 _IDLE_POLL = 1.0
 """Longest sleep of an idle loop; store notifications usually wake it much sooner."""
@@ -512,6 +518,26 @@ class Engine:
 
         await self._guarded("query", step)
 
+    async def _history_after_first_task(self, run_id: str) -> list[Event]:
+        """The run's history once its first workflow task has run (briefly waiting for it),
+        so a query sent right after start sees the state ``run()`` has set up."""
+        deadline = time.monotonic() + _FIRST_TASK_WAIT
+        while True:
+            change = self.store.change_waiter()
+            events = await self.store.read_history(run_id)
+            if any(e.type == WORKFLOW_TASK_COMPLETED for e in events):
+                return events
+            if time.monotonic() >= deadline or (
+                len(events) > 1
+                and events[-1].type
+                in (
+                    WORKFLOW_TERMINATED,
+                    WORKFLOW_TIMED_OUT,
+                )
+            ):
+                return events
+            await self._wait(change, 0.05)
+
     async def _answer_query(self, query: QueryTask) -> None:
         """Answer from the cached instance, or from one rebuilt by replay (closed runs too)."""
         result: Any = None
@@ -520,7 +546,7 @@ class Engine:
         rebuilt = inst is None or inst.poisoned
         try:
             if rebuilt:
-                events = await self.store.read_history(query.run_id)
+                events = await self._history_after_first_task(query.run_id)
                 inst = self._new_instance(query, events[0].time, events[0].data)
                 inst.apply(events, self.clock.now(), activate_new=False)
             assert inst is not None

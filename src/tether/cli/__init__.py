@@ -1,6 +1,11 @@
 """The ``tether`` command line: ``tether db migrate URL`` creates or upgrades a store's
 schema; ``tether replay-check ...`` replays stored histories against new workflow code
-(see ``tether.replayer``). A later version adds the server and worker commands.
+(see ``tether.replayer``); ``tether server``/``dev``/``worker`` run the HTTP API and
+workers (``tether.cli.serve``); ``tether workflow ...`` operates workflows directly
+against the store (``tether.cli.workflow``).
+
+Exit codes: 0 success; 1 the workflow failed, was not found, or the operation failed;
+2 bad usage (unknown option, malformed JSON argument, invalid argument).
 """
 
 from __future__ import annotations
@@ -59,6 +64,17 @@ def replay_check(args: Sequence[str]) -> None:
     from tether.replayer import main as replayer_main
 
     sys.exit(replayer_main(list(args)))
+
+
+def _register() -> None:
+    from tether.cli.serve import dev, server, worker
+    from tether.cli.workflow import workflow
+
+    for command in (server, dev, worker, workflow):
+        cli.add_command(command)
+
+
+_register()
 
 
 def main() -> None:
