@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
-import logging
 import os
 import random
-import signal
-import sys
 import time
 
-from tether import Client, Worker, activity, workflow
+import worker_process
+from tether import activity, workflow
 
 TASK_QUEUE = "pg"
 IDENTITY = {"name": "?"}
@@ -104,63 +101,20 @@ class Steps:
         return {"steps": results, "notes": self.notes}
 
 
-async def serve(args: argparse.Namespace) -> None:
+def _remember_identity(args: argparse.Namespace) -> None:
     IDENTITY["name"] = args.identity
-    client = await Client.connect(args.url)
-    worker = Worker(
-        client,
-        task_queue=TASK_QUEUE,
-        workflows=[Steps],
-        activities=[step],
-        identity=args.identity,
-        lease_duration=args.lease_duration,
-        max_concurrent_activities=args.max_activities,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await worker.start()
-    if args.ready_file:
-        tmp = args.ready_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{time.time()!r}\n")
-        os.replace(tmp, args.ready_file)
-    try:
-        await stop.wait()
-    finally:
-        await worker.shutdown()
-        faults = client.store.faults  # type: ignore[attr-defined]
-        if args.stats_file:
-            with open(args.stats_file, "w") as f:
-                json.dump(
-                    {
-                        "identity": args.identity,
-                        "worker": worker.stats,
-                        "store": getattr(client.store, "stats", {}),
-                        "faults": dict(faults.injected) if faults is not None else {},
-                    },
-                    f,
-                )
-        await client.close()
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("url")
-    parser.add_argument("--identity", required=True)
-    parser.add_argument("--lease-duration", type=float, default=5.0)
-    parser.add_argument("--max-activities", type=int, default=100)
-    parser.add_argument("--ready-file", default=None)
-    parser.add_argument("--stats-file", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s [{args.identity} pid {os.getpid()}] %(name)s %(levelname)s "
-        "%(message)s",
+    worker_process.main(
+        task_queue=TASK_QUEUE,
+        workflows=[Steps],
+        activities=[step],
+        lease_duration=5.0,
+        description=__doc__,
+        argv=argv,
+        before_start=_remember_identity,
     )
-    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":

@@ -11,17 +11,14 @@ its work, so the ledger is an exact record of which attempts did their side effe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
-import logging
 import os
 import random
-import signal
-import sys
 import time
 
-from tether import Client, Worker, activity, workflow
+import worker_process
+from tether import activity, workflow
 
 TASK_QUEUE = "recovery"
 
@@ -107,50 +104,15 @@ class SleepyWorkflow:
         return {"before": before, "after": after, "slept": after - before}
 
 
-async def serve(args: argparse.Namespace) -> None:
-    client = await Client.connect(f"sqlite:///{os.path.abspath(args.db)}")
-    worker = Worker(
-        client,
+def main(argv: list[str] | None = None) -> None:
+    worker_process.main(
         task_queue=TASK_QUEUE,
         workflows=[StepsWorkflow, SleepyWorkflow],
         activities=[side_effect],
-        identity=args.identity,
-        lease_duration=args.lease_duration,
-        max_concurrent_activities=args.max_activities,
+        lease_duration=2.0,
+        description=__doc__,
+        argv=argv,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await worker.start()
-    if args.ready_file:
-        # Written after the worker has registered and taken back its old leases.
-        tmp = args.ready_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{time.time()!r}\n")
-        os.replace(tmp, args.ready_file)
-    try:
-        await stop.wait()
-    finally:
-        await worker.shutdown()
-        await client.close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("db")
-    parser.add_argument("--identity", required=True)
-    parser.add_argument("--lease-duration", type=float, default=2.0)
-    parser.add_argument("--max-activities", type=int, default=100)
-    parser.add_argument("--ready-file", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s [{args.identity} pid {os.getpid()}] %(name)s %(levelname)s "
-        "%(message)s",
-    )
-    asyncio.run(serve(args))
 
 
 if __name__ == "__main__":
