@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: demo test lint typecheck clean
+.PHONY: demo test lint typecheck clean bench bench-quick bench-profile
 
 $(VENV)/.installed-demo: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ typecheck: $(VENV)/.installed-test
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q
+
+# The benchmark needs only an installed tether (no stamp: it reuses any existing .venv).
+$(PY):
+	$(MAKE) $(VENV)/.installed-test
+
+bench: $(PY)
+	$(PY) -m bench
+
+bench-quick: $(PY)
+	$(PY) -m bench --quick
+
+bench-profile: $(PY)
+	$(PY) -m bench.profile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
