@@ -144,6 +144,9 @@ def run_driver(
         except subprocess.TimeoutExpired:
             _terminate(proc)
             info.error = f"timed out after {timeout:.0f}s"
+        except BaseException:  # Ctrl-C or a bug here: leave no driver behind
+            _terminate(proc)
+            raise
     if info.error is None and (proc.returncode != 0 or not out.exists()):
         tail = log_path.read_text(errors="replace").strip().splitlines()[-6:]
         info.error = f"driver exited {proc.returncode}: " + " / ".join(tail)
@@ -198,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     samples: list[Sample] = []
     runs: list[DriverRun] = []
-    shutil.rmtree(WORK_DIR / "runs", ignore_errors=True)
+    for scratch in ("runs", "stores"):  # the last run's logs, and stores left by a crash
+        shutil.rmtree(WORK_DIR / scratch, ignore_errors=True)
     for rep, system, workloads in _plan(ns, systems, reps):
         print(
             f"[rep {rep}/{reps}] {system.name} {workloads} (load {machine.load()}) ...",
