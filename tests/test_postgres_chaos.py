@@ -67,7 +67,10 @@ def restart_postgres() -> float:
 @pytest.fixture
 def can_restart_postgres() -> None:
     if shutil.which("pg_ctlcluster") is None or not os.path.isdir("/etc/postgresql"):
-        pytest.skip("needs a local PostgreSQL cluster managed by pg_ctlcluster")
+        message = "needs a local PostgreSQL cluster managed by pg_ctlcluster"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI has the cluster: never count this test as passed
+        pytest.skip(message)
 
 
 @pytest.fixture
