@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import pytest
 
 from lifecycle_app import TASK_QUEUE as APP_QUEUE
 from lifecycle_app import Approval, Transfer, TransferRequest
+from polling import event_types, wait_until
 from tether import (
     ActivityError,
     ApplicationError,
@@ -43,26 +44,6 @@ from tether.activity import ActivityCancelled
 from tether.testing import WorkflowEnvironment
 
 MakeWorker = Callable[..., Worker]
-
-
-async def wait_until(
-    condition: Callable[[], Any | Awaitable[Any]], what: str, timeout: float = 10.0
-) -> Any:
-    """Poll ``condition`` (sync or async) until it is truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def event_types(handle: WorkflowHandle) -> list[str]:
-    return [e.type for e in await handle.history()]
 
 
 # == money transfer saga ==================================================================
