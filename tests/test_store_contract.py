@@ -301,3 +301,69 @@ async def test_failure_after_writes_does_not_undo_batched_neighbours(store: Stor
     assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 5)
     assert len(await store.list_runs("default")) == 11
     assert [e.type for e in await store.read_history("run-1")] == ["WorkflowStarted"]
+
+
+async def test_next_due_time_after_skips_tasks_ready_already(store: Store) -> None:
+    """A timer loop asks what falls due later: a backlog of ready tasks is not that."""
+    await store.start_run(new_run())
+    assert await store.next_due_time() == NOW
+    assert await store.next_due_time(after=NOW) is None
+    task = await claim_one(store)
+    await store.fail_workflow_task(task, {"message": "boom"}, NOW + 3)
+    assert await store.next_due_time(after=NOW) == NOW + 3
+
+
+def continue_after(task: WorkflowTask, version: int, history_length: int) -> WorkflowTaskCompletion:
+    """The workflow task an activity result wakes, computed on a cached instance."""
+    woken = dataclasses.replace(task, token="", task_version=version, history_length=history_length)
+    return WorkflowTaskCompletion(
+        task=woken,
+        events=[(WORKFLOW_COMPLETED, {"result": "done"})],
+        inputs_through=history_length,
+        close=RunClose("completed", {"result": "done"}),
+    )
+
+
+async def test_activity_result_and_woken_task_commit_together(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    done = await store.complete_workflow_task(schedule(task, eager=1), "w1", NOW)
+    (activity,) = done.eager_activities
+    data = {"seq": 1, "result": "ok"}
+    woken = continue_after(task, done.task_version, done.history_length + 1)
+    result = await store.finish_activity_and_continue(
+        activity, data, NOW + 1, woken, done.history_length + 1, "w1"
+    )
+    assert result is not None and not result.more_work
+    history = await store.read_history("run-1", after_seq=done.history_length)
+    assert [e.type for e in history] == [
+        ACTIVITY_COMPLETED,
+        WORKFLOW_COMPLETED,
+        WORKFLOW_TASK_COMPLETED,
+    ]
+    assert (await store.get_run("default", "wf", None)).status == "completed"
+    assert await store.claim_workflow_tasks("q", "w1", 10, NOW + LEASE, NOW + 2) == []
+
+
+async def test_activity_result_is_not_continued_past_unseen_inputs(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    # A signal arrives while the first task runs: it sits below the task's own events.
+    await store.signal_run("default", "wf", None, "approve", [], NOW)
+    done = await store.complete_workflow_task(schedule(task, eager=1), "w1", NOW)
+    assert done.more_work
+    (activity,) = done.eager_activities
+    data = {"seq": 1, "result": "ok"}
+    woken = continue_after(task, done.task_version, done.history_length + 1)
+    assert (
+        await store.finish_activity_and_continue(
+            activity, data, NOW + 1, woken, done.history_length + 1, "w1"
+        )
+        is None
+    )
+    # The result is recorded and the queued task will see signal and result together.
+    assert (await store.get_run("default", "wf", None)).status == "running"
+    queued = await claim_one(store, now=NOW + 1)
+    history = await store.read_history("run-1", after_seq=task.history_length)
+    assert history[0].type == "SignalReceived"
+    assert history[-1].type == ACTIVITY_COMPLETED and queued.history_length == history[-1].seq

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as _dt
 import inspect
+import json
+import math
+import re
 import secrets
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from tether._runtime.clock import Clock
 from tether._runtime.connection import open_store
@@ -22,7 +27,9 @@ from tether._store.base import (
     CONTINUED_AS_NEW,
     RUNNING,
     STATUSES,
+    Change,
     NewRun,
+    RunFilter,
     RunInfo,
     Store,
     UpdateRequest,
@@ -43,6 +50,8 @@ from tether.exceptions import (
 __all__ = ["Client", "HistoryEvent", "WorkflowDescription", "WorkflowHandle"]
 
 _WORKER_SEEN_WINDOW = 300.0
+_SERVED_CACHE_TTL = 2.0
+"""Seconds a start trusts that a task queue's workers know a workflow type."""
 """A worker seen within this many seconds counts as serving its task queue."""
 
 
@@ -115,6 +124,8 @@ class Client:
     ) -> None:
         self._store = store
         self._closed_watcher = _ClosedRunWatcher(store)
+        self._served_cache: dict[str, tuple[float, set[str]]] = {}
+        self._served_reads: dict[str, asyncio.Future[dict[str, dict[str, list[str]]] | None]] = {}
         self.namespace = namespace
         self.converter = converter or PayloadConverter()
         self.clock = clock or Clock()
@@ -204,7 +215,9 @@ class Client:
         run.execution_deadline = None if execution is None else run.now + execution
         await self._check_served(plan.workflow_type, task_queue)
         outcome = await self._store.start_run(run)
-        return WorkflowHandle(self, id, outcome.run_id, plan.result_hint, plan.defn)
+        handle = WorkflowHandle(self, id, outcome.run_id, plan.result_hint, plan.defn)
+        handle._started = True
+        return handle
 
     async def execute_update_with_start(
         self,
@@ -285,9 +298,20 @@ class Client:
         return payload
 
     async def _check_served(self, workflow_type: str, task_queue: str) -> None:
-        served = await self._store.workflows_served(
-            task_queue, self.clock.now() - _WORKER_SEEN_WINDOW
-        )
+        known = self._served_cache.get(task_queue)
+        if known is not None and known[0] > time.monotonic() and workflow_type in known[1]:
+            return  # confirmed moments ago: spare a store read per start
+        reading = self._served_reads.get(task_queue)
+        if reading is None:
+            # Concurrent starts share one read.
+            reading = asyncio.ensure_future(
+                self._store.workflows_served(task_queue, self.clock.now() - _WORKER_SEEN_WINDOW)
+            )
+            self._served_reads[task_queue] = reading
+            reading.add_done_callback(lambda _: self._served_reads.pop(task_queue, None))
+        served = await asyncio.shield(reading)
+        if served is not None:
+            self._served_cache[task_queue] = (time.monotonic() + _SERVED_CACHE_TTL, set(served))
         if served is not None and workflow_type not in served:
             raise UnknownWorkflowTypeError(
                 f"no worker on task queue {task_queue!r} knows workflow type "
@@ -333,17 +357,139 @@ class Client:
         return WorkflowHandle(self, workflow_id, run_id, result_type, defn)
 
     async def list_workflows(
-        self, *, status: str | None = None, workflow_type: str | None = None, limit: int = 1000
-    ) -> list[WorkflowDescription]:
-        """Runs in this namespace, newest first, optionally filtered."""
-        if status is not None and status not in STATUSES:
-            raise InvalidArgumentError(
-                f"unknown status {status!r}; expected one of {', '.join(STATUSES)}"
-            )
+        self,
+        *,
+        limit: int = 1000,
+        page_token: str | None = None,
+        **filters: Unpack[WorkflowFilters],
+    ) -> WorkflowList:
+        """Runs in this namespace, newest first, that match every filter given.
+
+        ``status``: one status or several (any of them). ``*_after`` bounds are inclusive,
+        ``*_before`` bounds exclusive: datetimes (naive ones are UTC) or epoch seconds.
+        ``search_attributes``: each key must equal its string, number or boolean value.
+        At most ``limit`` runs; the list's ``next_page_token``, passed back as
+        ``page_token`` with the same filters, continues after them (None: no more).
+        """
+        where = _run_filter(**filters)
+        if limit < 1:
+            raise InvalidArgumentError(f"limit must be at least 1 (got {limit})")
+        after = None if page_token is None else _decode_page_token(page_token)
         runs = await self._store.list_runs(
-            self.namespace, status=status, workflow_type=workflow_type, limit=limit
+            self.namespace, where=where, limit=limit + 1, after=after
         )
-        return [WorkflowDescription._from(r) for r in runs]
+        page = WorkflowList(WorkflowDescription._from(r) for r in runs[:limit])
+        if len(runs) > limit:
+            last = runs[limit - 1]
+            page.next_page_token = _encode_page_token(last.created_at, last.run_id)
+        return page
+
+    async def count_workflows(self, **filters: Unpack[WorkflowFilters]) -> int:
+        """How many runs in this namespace match the filters (as in ``list_workflows``)."""
+        where = _run_filter(**filters)
+        return await self._store.count_runs(self.namespace, where)
+
+
+TimeBound = _dt.datetime | float
+"""A time filter: a datetime (naive means UTC) or epoch seconds."""
+
+
+class WorkflowFilters(TypedDict, total=False):
+    """The filters of ``list_workflows`` and ``count_workflows``; a run must match all."""
+
+    status: str | Sequence[str] | None
+    workflow_type: str | None
+    workflow_id_prefix: str | None
+    started_after: TimeBound | None
+    started_before: TimeBound | None
+    closed_after: TimeBound | None
+    closed_before: TimeBound | None
+    search_attributes: Mapping[str, Any] | None
+
+
+class WorkflowList(list[WorkflowDescription]):
+    """A page of ``list_workflows``: a list, plus the token of the next page."""
+
+    next_page_token: str | None = None
+
+
+_HALF_MICROSECOND = 5e-7
+_SEARCH_ATTRIBUTE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+
+
+def _run_filter(**filters: Unpack[WorkflowFilters]) -> RunFilter:
+    """Check list/count filters and turn them into the store's ``RunFilter``."""
+    unknown = set(filters) - set(WorkflowFilters.__annotations__)
+    if unknown:
+        raise InvalidArgumentError(f"unknown filter {', '.join(sorted(unknown))}")
+    status = filters.get("status")
+    statuses = (status,) if isinstance(status, str) else tuple(status or ())
+    for s in statuses:
+        if s not in STATUSES:
+            raise InvalidArgumentError(
+                f"unknown status {s!r}; expected one of {', '.join(STATUSES)}"
+            )
+    bounds = {
+        name: _epoch(name, filters.get(name))
+        for name in ("started_after", "started_before", "closed_after", "closed_before")
+    }
+    # Times are shown to the microsecond (rounded): compare at that resolution, so a
+    # bound copied from a description includes (after) or excludes (before) that run.
+    bounds = {name: None if b is None else b - _HALF_MICROSECOND for name, b in bounds.items()}
+    for kind in ("started", "closed"):
+        low, high = bounds[f"{kind}_after"], bounds[f"{kind}_before"]
+        if low is not None and high is not None and low >= high:
+            raise InvalidArgumentError(
+                f"{kind}_after must be earlier than {kind}_before (the range is empty)"
+            )
+    attributes = dict(filters.get("search_attributes") or {})
+    for key, value in attributes.items():
+        if not isinstance(key, str) or not _SEARCH_ATTRIBUTE_KEY.match(key):
+            raise InvalidArgumentError(
+                f"search attribute name {key!r} is not valid: use 1-100 letters, digits, "
+                "'_', '.' or '-'"
+            )
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not isinstance(value, str | int | float) or not finite:
+            raise InvalidArgumentError(
+                f"search attribute {key!r}: filters compare strings, numbers or booleans "
+                f"(got {value!r})"
+            )
+    return RunFilter(
+        statuses=statuses,
+        workflow_type=filters.get("workflow_type") or None,
+        workflow_id_prefix=filters.get("workflow_id_prefix") or None,
+        search_attributes=attributes,
+        **bounds,
+    )
+
+
+def _epoch(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.UTC)
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidArgumentError(f"{name} must be a datetime or epoch seconds (got {value!r})")
+    return float(value)
+
+
+def _encode_page_token(created_at: float, run_id: str) -> str:
+    raw = json.dumps([created_at, run_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created_at, run_id = json.loads(raw)
+        if isinstance(created_at, int | float) and isinstance(run_id, str):
+            return float(created_at), run_id
+    except (ValueError, TypeError):
+        pass
+    raise InvalidArgumentError("page_token is not valid: pass back a next_page_token unchanged")
 
 
 _KIND_NAMES = {"signals": "signal", "queries": "query", "updates": "update"}
@@ -415,6 +561,8 @@ class WorkflowHandle:
         self.run_id = run_id
         self._result_type = result_type
         self._defn = workflow
+        self._started = False
+        """Whether ``run_id`` is a run that this handle's client just started."""
 
     async def _run(self) -> RunInfo:
         return await self.client.store.get_run(self.client.namespace, self.id, self.run_id)
@@ -441,11 +589,13 @@ class WorkflowHandle:
         clock.begin_result_wait()
         try:
             async with asyncio.timeout(timeout):
-                run = await self._run()
+                # A run this client just started exists: wait for it without a lookup.
+                run = None if self._started else await self._run()
                 while True:
-                    if run.status == RUNNING:
-                        await self.client._closed_watcher.wait(run.run_id)
-                        run = await store.get_run(namespace, self.id, run.run_id)
+                    if run is None or run.status == RUNNING:
+                        run_id = self.run_id if run is None else run.run_id
+                        assert run_id is not None
+                        run = await self.client._closed_watcher.wait(run_id)
                     elif run.status == CONTINUED_AS_NEW:
                         run = await store.get_run(namespace, self.id, run.next_run_id)
                     else:
@@ -513,7 +663,7 @@ class WorkflowHandle:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    change = store.change_waiter()
+                    change = store.change_waiter(Change.QUERY)
                     answered, result, failure = await store.take_query_answer(query_id)
                     if answered:
                         break
@@ -570,7 +720,7 @@ class WorkflowHandle:
         try:
             async with asyncio.timeout(timeout):
                 while True:
-                    change = store.change_waiter()
+                    change = store.change_waiter(Change.UPDATE | Change.RUN_CLOSED)
                     state = await store.get_update(run_id, update_id)
                     if state is None:
                         # Continue-as-new moved the request on to the workflow's next run.
@@ -618,16 +768,17 @@ class _ClosedRunWatcher:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiting: dict[str, list[asyncio.Future[RunInfo]]] = {}
         self._poller: asyncio.Task[None] | None = None
 
-    async def wait(self, run_id: str) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def wait(self, run_id: str) -> RunInfo:
+        """Wait until run ``run_id`` closes; return it as it closed."""
+        fut: asyncio.Future[RunInfo] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(run_id, []).append(fut)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
         try:
-            await fut
+            return await fut
         finally:
             futs = self._waiting.get(run_id)
             if futs is not None and fut in futs:
@@ -637,15 +788,15 @@ class _ClosedRunWatcher:
 
     async def _poll(self) -> None:
         while self._waiting:
-            change = self._store.change_waiter()
+            change = self._store.change_waiter(Change.RUN_CLOSED)
             try:
                 closed = await self._store.closed_runs(list(self._waiting))
             except StoreError:
                 closed = []
-            for run_id in closed:
-                for fut in self._waiting.pop(run_id, []):
+            for run in closed:
+                for fut in self._waiting.pop(run.run_id, []):
                     if not fut.done():
-                        fut.set_result(None)
+                        fut.set_result(run)
             if self._waiting:
                 try:
                     await asyncio.wait_for(change, 1.0)

@@ -16,6 +16,10 @@ class Clock:
         """Sleep up to ``timeout`` real seconds; a test clock returns early when it jumps."""
         await asyncio.sleep(max(timeout, 0.0))
 
+    async def wait_until(self, deadline: float) -> None:
+        """Sleep until this clock reads ``deadline`` (at once if it has already passed)."""
+        await asyncio.sleep(max(deadline - self.now(), 0.0))
+
     def begin_result_wait(self) -> None:
         """A client started waiting for a workflow result (time may skip meanwhile)."""
 
@@ -53,6 +57,12 @@ class SkippingClock(Clock):
         finally:
             if fut in self._sleepers:
                 self._sleepers.remove(fut)
+
+    async def wait_until(self, deadline: float) -> None:
+        # A jump may have happened before this call: look at the clock, not a timeout
+        # computed earlier, or a jump past the deadline would go unnoticed.
+        while (remaining := deadline - self.now()) > 0:
+            await self.wait(remaining)
 
     def begin_result_wait(self) -> None:
         self.result_waiters += 1

@@ -62,6 +62,7 @@ from tether._store.base import (
     WORKFLOW_TERMINATED,
     WORKFLOW_TIMED_OUT,
     ActivityTask,
+    Change,
     EagerClaim,
     Event,
     NewActivity,
@@ -72,6 +73,7 @@ from tether._store.base import (
     UpdateState,
     WorkflowTask,
     WorkflowTaskCompletion,
+    WorkflowTaskResult,
 )
 from tether.common import RetryPolicy
 from tether.converter import PayloadConverter
@@ -150,6 +152,8 @@ class Engine:
         self._query_tasks: set[asyncio.Task[None]] = set()
         self._activity_tasks: dict[asyncio.Task[None], ActivityTask] = {}
         self._activity_slots_reserved = 0
+        self._next_due: float | None = None
+        """When the timer loop expects the next timer or delayed task."""
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._kick: asyncio.Future[None] | None = None
@@ -208,10 +212,10 @@ class Engine:
             self._kick.set_result(None)
         self._kick = None
 
-    async def _wait(self, store_waiter: asyncio.Future[None], timeout: float) -> None:
+    async def _wait(self, store_waiter: asyncio.Future[None], deadline: float) -> None:
         if self._kick is None or self._kick.done():
             self._kick = asyncio.get_running_loop().create_future()
-        sleeper = asyncio.ensure_future(self.clock.wait(timeout))
+        sleeper = asyncio.ensure_future(self.clock.wait_until(deadline))
         try:
             await asyncio.wait(
                 [store_waiter, self._kick, sleeper], return_when=asyncio.FIRST_COMPLETED
@@ -220,15 +224,21 @@ class Engine:
             sleeper.cancel()
 
     async def _guarded(
-        self, what: str, step: Callable[[], Awaitable[float | None]], wakeful: bool = True
+        self,
+        what: str,
+        step: Callable[[], Awaitable[float | None]],
+        wakes_on: Change | None,
     ) -> None:
-        """Run ``step`` until stopped; it returns how long to wait for work (None: no wait).
+        """Run ``step`` until stopped; it returns how long to wait for work (None: no wait),
+        counted from when it began (clock time: a test clock may jump meanwhile).
 
-        A ``wakeful`` loop also runs again when the store changes or the engine kicks it.
+        The loop also runs again when the engine kicks it and, with ``wakes_on``, when
+        the store commits one of those kinds of change.
         """
         backoff = 0.05
         while not self._stopping:
-            waiter = self.store.change_waiter() if wakeful else None
+            waiter = self.store.change_waiter(wakes_on) if wakes_on is not None else None
+            began = self.clock.now()
             try:
                 delay = await step()
                 backoff = 0.05
@@ -242,9 +252,9 @@ class Engine:
             if delay is None:
                 continue
             if waiter is not None:
-                await self._wait(waiter, delay)
+                await self._wait(waiter, began + delay)
             else:
-                await self.clock.wait(delay)
+                await self.clock.wait_until(began + delay)
 
     async def _register(self, now: float) -> None:
         handlers = {name: d.handler_names() for name, d in self.workflows.items()}
@@ -286,7 +296,7 @@ class Engine:
                 self._spawn_workflow_task(task)
             return None if len(tasks) == free else _IDLE_POLL
 
-        await self._guarded("workflow", step)
+        await self._guarded("workflow", step, Change.WORKFLOW_TASK)
 
     def _take_instance(self, task: WorkflowTask) -> WorkflowInstance | None:
         inst = self._cache.pop(task.run_id, None)
@@ -310,7 +320,12 @@ class Engine:
     ) -> None:
         t = asyncio.create_task(self._run_workflow_task(task, prefetched))
         self._workflow_tasks[t] = task
-        t.add_done_callback(self._workflow_tasks.pop)
+        t.add_done_callback(self._workflow_task_done)
+
+    def _workflow_task_done(self, t: asyncio.Task[None]) -> None:
+        self._workflow_tasks.pop(t, None)
+        if not self._stopping:
+            self._wake()  # a slot is free: the claim loop may have been waiting for one
 
     async def _run_workflow_task(
         self, task: WorkflowTask, prefetched: tuple[int, list[Event]] | None = None
@@ -353,10 +368,17 @@ class Engine:
             logger.info("workflow task of run %s not committed: %s", task.run_id, e)
             return
         self._activity_slots_reserved -= reserved
+        self._committed(inst, completion, result)
+
+    def _committed(
+        self, inst: WorkflowInstance, completion: WorkflowTaskCompletion, result: WorkflowTaskResult
+    ) -> None:
+        """A workflow task of ``inst`` is durable: cache the run, start its eager work."""
         self.stats["workflow_tasks"] += 1
         inst.task_version = result.task_version
+        inst.history_length = result.history_length
         inst.mark_committed(result.history_length - len(completion.events), result.history_length)
-        self._put_instance(task.run_id, inst)
+        self._put_instance(completion.task.run_id, inst)
         for activity in result.eager_activities:
             self._start_activity(activity)
         if result.more_work:
@@ -516,14 +538,14 @@ class Engine:
                 t.add_done_callback(self._query_tasks.discard)
             return None if len(queries) == batch else _IDLE_POLL
 
-        await self._guarded("query", step)
+        await self._guarded("query", step, Change.QUERY)
 
     async def _history_after_first_task(self, run_id: str) -> list[Event]:
         """The run's history once its first workflow task has run (briefly waiting for it),
         so a query sent right after start sees the state ``run()`` has set up."""
         deadline = time.monotonic() + _FIRST_TASK_WAIT
         while True:
-            change = self.store.change_waiter()
+            change = self.store.change_waiter(Change.HISTORY | Change.RUN_CLOSED)
             events = await self.store.read_history(run_id)
             if any(e.type == WORKFLOW_TASK_COMPLETED for e in events):
                 return events
@@ -536,7 +558,7 @@ class Engine:
                 )
             ):
                 return events
-            await self._wait(change, 0.05)
+            await self._wait(change, self.clock.now() + 0.05)
 
     async def _answer_query(self, query: QueryTask) -> None:
         """Answer from the cached instance, or from one rebuilt by replay (closed runs too)."""
@@ -588,7 +610,7 @@ class Engine:
                 self._start_activity(task)
             return None if len(tasks) == free else _IDLE_POLL
 
-        await self._guarded("activity", step)
+        await self._guarded("activity", step, Change.ACTIVITY_TASK)
 
     def _start_activity(self, task: ActivityTask) -> None:
         t = asyncio.create_task(self._run_activity(task))
@@ -652,6 +674,10 @@ class Engine:
             return
         try:
             now = self.clock.now()
+            data = {"seq": task.seq, "result": payload}
+            if await self._continue_cached(task, data, now):
+                self.stats["activities"] += 1
+                return
             claim = None
             cached = self._cache.get(task.run_id)
             if (
@@ -662,9 +688,7 @@ class Engine:
                 # The run is cached here: take the workflow task this completion wakes.
                 claim = EagerClaim(self.identity, now + self.lease_duration, cached.last_seq)
             woken = await self._persist(
-                lambda: self.store.finish_activity(
-                    task, ACTIVITY_COMPLETED, {"seq": task.seq, "result": payload}, now, claim
-                )
+                lambda: self.store.finish_activity(task, ACTIVITY_COMPLETED, data, now, claim)
             )
             self.stats["activities"] += 1
             if woken is not None and claim is not None:
@@ -673,6 +697,57 @@ class Engine:
             # Stale: someone else owns the task now. Otherwise the lease lapses and the
             # activity runs again (at least once).
             logger.info("activity result not recorded: %s", e)
+
+    async def _continue_cached(self, task: ActivityTask, data: dict[str, Any], now: float) -> bool:
+        """Run the workflow task an activity result wakes, if the run is cached here and
+        idle, and record result and task in one commit (instead of recording the result,
+        leasing the woken task and completing it: three commits). False: not done, record
+        the result the usual way."""
+        if self._stopping:
+            return False
+        inst = self._cache.pop(task.run_id, None)
+        if inst is None:
+            return False
+        if inst.poisoned:
+            inst.evict()
+            return False
+        seq = inst.history_length + 1
+        workflow_task = WorkflowTask(
+            run_id=task.run_id,
+            workflow_id=task.workflow_id,
+            workflow_type=task.workflow_type,
+            task_queue=inst.info.task_queue,
+            namespace=inst.info.namespace,
+            token="",
+            attempt=1,
+            task_version=inst.task_version,
+            history_length=seq,
+        )
+        try:
+            commands = inst.apply([Event(seq, ACTIVITY_COMPLETED, now, data)], now)
+        except Exception:
+            inst.evict()  # the usual workflow task replays it and reports the failure
+            return False
+        completion, reserved = self._completion(workflow_task, inst, commands, now)
+        try:
+            result = await self._persist(
+                lambda: self.store.finish_activity_and_continue(
+                    task, data, now, completion, seq, self.identity
+                )
+            )
+        except StoreError:
+            # Nothing was recorded (or, if the outcome is unknown, the usual path finds
+            # the activity already finished): drop the speculative state, go the usual way.
+            inst.evict()
+            return False
+        finally:
+            self._activity_slots_reserved -= reserved
+        if result is None:
+            inst.evict()  # the result is recorded; the queued workflow task takes it
+            return True
+        self.stats["continued_in_place"] += 1
+        self._committed(inst, completion, result)
+        return True
 
     async def _execute(
         self,
@@ -827,15 +902,15 @@ class Engine:
             fired = await self.store.fire_due_timers(now, 500)
             if fired == 500:
                 return None
-            due = await self.store.next_due_time()
+            if self._next_due is not None and self._next_due <= now:
+                self._wake()  # a delayed task (a retry) may be ready: let the claim loops look
+            # Tasks ready already are the claim loops' business, not a reason to wake here.
+            due = self._next_due = await self.store.next_due_time(after=now)
             if due is None:
                 return _IDLE_POLL
-            if due <= now:
-                self._wake()  # a retry fell due: let the claim loops look
-                return min(_IDLE_POLL, 0.05)
-            return min(due - now, _IDLE_POLL)
+            return max(0.0, min(due - now, _IDLE_POLL))
 
-        await self._guarded("timer", step)
+        await self._guarded("timer", step, Change.TIMER)
 
     async def _lease_loop(self) -> None:
         interval = max(self.lease_duration / 3, 0.05)
@@ -873,7 +948,7 @@ class Engine:
             return interval
 
         # On a timer only: its own writes (renewals, registration) must not wake it.
-        await self._guarded("lease", step, wakeful=False)
+        await self._guarded("lease", step, None)
 
 
 class _HeartbeatFlusher:

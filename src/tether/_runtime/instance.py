@@ -180,6 +180,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         """Seq of the last history event applied."""
         self.task_version = 0
         """Number of workflow task blocks applied."""
+        self.history_length = 0
+        """Events in the run's history as of this instance's last committed task."""
         self.closed = False
         self.replaying = False
         self._now = info.start_time

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from tether._store.changes import Change as Change  # re-exported: part of the contract
 
 # Event types. Inbound events arrive from outside the workflow code and are
 # delivered to it; command events record what the code decided.
@@ -169,6 +172,26 @@ class QueryTask:
     token: str
 
 
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs ``list_runs``/``count_runs`` return: every condition given must hold.
+
+    Times are epoch seconds; an ``*_after`` bound is inclusive, a ``*_before`` bound
+    exclusive. ``search_attributes`` are compared for equality with string, number or
+    boolean values (a number equals the same number of either type).
+    """
+
+    statuses: tuple[str, ...] = ()
+    """Any of these statuses (empty: any status)."""
+    workflow_type: str | None = None
+    workflow_id_prefix: str | None = None
+    started_after: float | None = None
+    started_before: float | None = None
+    closed_after: float | None = None
+    closed_before: float | None = None
+    search_attributes: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+
+
 @dataclass(slots=True)
 class RunInfo:
     namespace: str
@@ -311,12 +334,25 @@ class Store(abc.ABC):
         status: str | None = None,
         workflow_type: str | None = None,
         limit: int = 1000,
+        where: RunFilter | None = None,
+        after: tuple[float, str] | None = None,
     ) -> list[RunInfo]:
-        """Runs, newest first."""
+        """Runs matching ``where`` (and ``status``/``workflow_type``, a shorthand), newest
+        first: by start time, then run id, descending. ``after`` is the ``(created_at,
+        run_id)`` of the last run of the previous page: the page continues after it."""
 
     @abc.abstractmethod
-    async def closed_runs(self, run_ids: list[str]) -> list[str]:
-        """Which of ``run_ids`` are no longer running (one query for many result waiters)."""
+    async def count_runs(self, namespace: str, where: RunFilter | None = None) -> int:
+        """How many runs match ``where``."""
+
+    @abc.abstractmethod
+    async def task_queue_backlog(self, task_queue: str, now: float) -> int:
+        """Work waiting on or held by ``task_queue``: ready or leased workflow and activity
+        tasks, unanswered queries, and due timers of its runs (0: the queue is idle)."""
+
+    @abc.abstractmethod
+    async def closed_runs(self, run_ids: list[str]) -> list[RunInfo]:
+        """Those of ``run_ids`` no longer running (one query for many result waiters)."""
 
     @abc.abstractmethod
     async def read_history(self, run_id: str, after_seq: int = 0) -> list[Event]:
@@ -377,6 +413,29 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def finish_activity_and_continue(
+        self,
+        task: ActivityTask,
+        data: dict[str, Any],
+        now: float,
+        completion: WorkflowTaskCompletion,
+        expected_seq: int,
+        owner: str,
+    ) -> WorkflowTaskResult | None:
+        """Record an activity's result and the workflow task it wakes, in one transaction.
+
+        A worker that has the run cached and idle computes that workflow task itself
+        (its ``ActivityCompleted`` event would get seq ``expected_seq``) without leasing
+        it: one commit instead of three. If other inputs reached the run first (the
+        event got another seq, or a workflow task was queued already: inputs that came
+        while the run's last task ran) or the workflow no longer waits for the result, the
+        result alone is recorded, the workflow task is queued as usual, and this returns None:
+        the caller must drop its speculative state. Raises ``StaleTaskError``, recording
+        nothing, if the activity's lease is lost or the run advanced past
+        ``completion.task.task_version``.
+        """
+
+    @abc.abstractmethod
     async def retry_activity(
         self,
         task: ActivityTask,
@@ -396,8 +455,11 @@ class Store(abc.ABC):
         """Append ``TimerFired`` for due timers and wake their workflows; returns the count."""
 
     @abc.abstractmethod
-    async def next_due_time(self) -> float | None:
-        """Earliest time an unleased timer, retry or workflow task becomes due."""
+    async def next_due_time(self, after: float | None = None) -> float | None:
+        """Earliest time an unleased timer, retry or workflow task becomes due.
+
+        With ``after``, tasks already ready by then do not count (a backlog waiting to
+        be claimed is not a reason for a timer loop to wake); timers always do."""
 
     @abc.abstractmethod
     async def leased_task_count(self) -> int:
@@ -511,8 +573,10 @@ class Store(abc.ABC):
 
     # -- notifications --------------------------------------------------------
     @abc.abstractmethod
-    def change_waiter(self) -> asyncio.Future[None]:
-        """A future resolved at the next committed change. Take it *before* looking for work."""
+    def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
+        """A future resolved at the next commit that touched one of ``changes`` (here or,
+        as far as the backend can tell, in another process). Take it *before* looking
+        for work."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -15,7 +15,8 @@ The domain logic is ``sql.py``'s, unchanged; this module is the driver.
   the run lookups of starts, signals, cancels and updates lock their row; and a
   workflow task commits only if the run's ``task_version`` is still the one it read
   (optimistic concurrency), so two workers cannot both advance a run.
-- **Wake-ups.** A batch that changed something sends ``NOTIFY`` in its transaction;
+- **Wake-ups.** A batch that made work available sends ``NOTIFY`` (with the kinds of
+  work, a ``Change``, as payload) in its transaction;
   a listening connection in every process resolves ``change_waiter()`` futures.
   Polling stays the fallback: waiting loops look again at least once a second.
 - **Connection loss and conflicts.** An operation that failed before anything of it
@@ -45,7 +46,8 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from tether._store import migrations
-from tether._store.sql import ALL, EXEC, ONE, Dialect, Op, SqlStore
+from tether._store.changes import Change, ChangeWaiters
+from tether._store.sql import ALL, EXEC, ONE, TOUCH, Dialect, Op, SqlStore
 from tether.exceptions import StoreError
 
 logger = logging.getLogger("tether.store")
@@ -144,28 +146,42 @@ def _rowcount(status: str) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
-async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, wrote: list[bool]) -> Any:
-    """Run an operation's statements on ``conn``; ``wrote[0]`` says if it changed rows."""
+class _Effects:
+    """What an operation did besides its result: changed rows, kinds of work touched."""
+
+    __slots__ = ("changes", "wrote")
+
+    def __init__(self) -> None:
+        self.wrote = False
+        self.changes = 0
+
+
+async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _Effects) -> Any:
+    """Run an operation's statements on ``conn``, noting its effects in ``done``."""
     op = make()
     try:
         stmt = next(op)
         while True:
-            sql = translate(stmt.sql)
             kind = stmt.kind
+            if kind == TOUCH:
+                done.changes |= stmt.params
+                stmt = op.send(None)
+                continue
+            sql = translate(stmt.sql)
             if kind == ONE:
                 result: Any = await conn.fetchrow(sql, *stmt.params)
                 if result is not None and stmt.sql.startswith(_WRITE_PREFIXES):
-                    wrote[0] = True
+                    done.wrote = True
             elif kind == ALL:
                 result = await conn.fetch(sql, *stmt.params)
             elif kind == EXEC:
                 result = _rowcount(await conn.execute(sql, *stmt.params))
                 if result:
-                    wrote[0] = True
+                    done.wrote = True
             else:
                 if stmt.params:
                     await conn.executemany(sql, stmt.params)
-                    wrote[0] = True
+                    done.wrote = True
                 result = None
             stmt = op.send(result)
     except StopIteration as done:
@@ -226,7 +242,7 @@ async def _keepalive(conn: asyncpg.Connection) -> None:
 class PostgresStore(SqlStore):
     """A store in a PostgreSQL database. Open it with ``await PostgresStore.open(url)``."""
 
-    dialect = Dialect(row_locks=True)
+    dialect = Dialect(row_locks=True, json_functions="jsonb")
 
     def __init__(
         self,
@@ -257,7 +273,7 @@ class PostgresStore(SqlStore):
         self._committers: list[asyncio.Task[None]] = []
         self._committer_pids: set[int] = set()
         self._listener: asyncio.Task[None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters = ChangeWaiters()
         self._closed = False
         self._outage_logged = 0.0
         self.stats = {
@@ -392,7 +408,7 @@ class PostgresStore(SqlStore):
         assert self._pool is not None
         conn = await self._pool.acquire()
         try:
-            return await _drive(make, conn, [False])  # type: ignore[no-any-return]
+            return await _drive(make, conn, _Effects())  # type: ignore[no-any-return]
         except _CONNECTION_ERRORS:
             conn.terminate()  # the pool replaces it
             raise
@@ -486,7 +502,7 @@ class PostgresStore(SqlStore):
 
     async def _run_batch(self, conn: asyncpg.Connection, batch: list[_Write]) -> None:
         results: _Results = []
-        changed = False
+        changes = 0
         committing = False
         pending = batch
         try:
@@ -516,10 +532,13 @@ class PostgresStore(SqlStore):
                 break
             assert not isinstance(outcome, _Failed)
             results += outcome[0]
-            changed = outcome[1]
+            changes = outcome[1]
             if conn.is_in_transaction():
                 committing = True
-                await conn.execute(f"NOTIFY {CHANNEL}; COMMIT" if changed else "COMMIT")
+                # The payload says which kinds of work became available (``Change``).
+                await conn.execute(
+                    f"NOTIFY {CHANNEL}, '{changes}'; COMMIT" if changes else "COMMIT"
+                )
         except Exception as e:
             lost = isinstance(e, _CONNECTION_ERRORS)
             if lost:
@@ -536,7 +555,7 @@ class PostgresStore(SqlStore):
                     retryable=True,
                 )
                 results = [(w, False, unknown if ok else v) for w, ok, v in results]
-                changed = True  # perhaps
+                changes = Change.ALL  # perhaps
             else:
                 # Nothing committed: the server rolls back the transaction of a lost
                 # connection, and we rolled back any other.
@@ -544,41 +563,41 @@ class PostgresStore(SqlStore):
                 if not isinstance(error, StoreError):
                     error = StoreError(f"PostgreSQL transaction failed: {e}", retryable=True)
                 results = [(w, False, error) for w in batch]
-                changed = False
+                changes = 0
         self.stats["batches"] += 1
         self.stats["operations"] += len(batch)
         # Only now, after COMMIT returned, are callers told.
         self._deliver(results)
-        if changed:
-            self._wake()
+        self._waiters.notify(changes)
 
     async def _run_ops(
         self, conn: asyncpg.Connection, batch: list[_Write], isolate: bool
-    ) -> tuple[_Results, bool] | _Failed:
-        """Run each operation: (results, whether rows changed), or, unless ``isolate``
-        (a savepoint per operation), the failure that needs the transaction rolled back."""
+    ) -> tuple[_Results, int] | _Failed:
+        """Run each operation: (results, the kinds of work they touched), or, unless
+        ``isolate`` (a savepoint per operation), the failure that needs the transaction
+        rolled back."""
         results: _Results = []
-        changed = False
+        changes = 0
         for index, write in enumerate(batch):
             if isolate:
                 await conn.execute("SAVEPOINT op")
-            wrote = [False]
+            done = _Effects()
             try:
-                value = await _drive(write.make, conn, wrote)
+                value = await _drive(write.make, conn, done)
             except Exception as e:
                 if isinstance(e, _CONNECTION_ERRORS):
                     raise
                 if isolate:
                     await conn.execute("ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op")
-                elif wrote[0] or isinstance(e, asyncpg.PostgresError):
+                elif done.wrote or isinstance(e, asyncpg.PostgresError):
                     return _Failed(index, e)
                 results.append((write, False, _classify(e, "a write")))
                 continue
             if isolate:
                 await conn.execute("RELEASE SAVEPOINT op")
-            changed = changed or wrote[0]
+            changes |= done.changes
             results.append((write, True, value))
-        return results, changed
+        return results, changes
 
     def _deliver(self, results: _Results) -> None:
         for write, ok, value in results:
@@ -592,24 +611,14 @@ class PostgresStore(SqlStore):
                 write.fut.set_exception(value)
 
     # -- notifications -------------------------------------------------------------------
-    def change_waiter(self) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if len(self._waiters) > 256:
-            self._waiters = [w for w in self._waiters if not w.done()]
-        self._waiters.append(fut)
-        return fut
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+    def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
+        return self._waiters.add(changes)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if pid in self._committer_pids:
             return  # our own commit: its waiters were woken already
         self.stats["notifications"] += 1
-        self._wake()
+        self._waiters.notify(int(payload) if payload.isdigit() else Change.ALL)
 
     async def _listen(self, ready: asyncio.Future[None]) -> None:
         """Keep a ``LISTEN`` connection open; reconnect with backoff when it drops."""
@@ -629,7 +638,8 @@ class PostgresStore(SqlStore):
                 delay = 0.05
                 if not ready.done():
                     ready.set_result(None)
-                self._wake()  # changes may have been missed while we were away
+                # Changes may have been missed while we were away.
+                self._waiters.notify(Change.ALL)
                 while not lost.done():
                     await asyncio.wait([lost], timeout=10.0)
                     if not lost.done():
@@ -650,7 +660,7 @@ class PostgresStore(SqlStore):
             finally:
                 if conn is not None:
                     conn.terminate()
-            self._wake()  # meanwhile, waiters look for themselves
+            self._waiters.notify(Change.ALL)  # meanwhile, waiters look for themselves
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -678,4 +688,4 @@ class PostgresStore(SqlStore):
                 await asyncio.wait_for(self._pool.close(), 5.0)
             except Exception:
                 self._pool.terminate()
-        self._wake()
+        self._waiters.notify(Change.ALL)

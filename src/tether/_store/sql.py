@@ -15,9 +15,10 @@ import json
 import secrets
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from tether._store.base import (
+    ACTIVITY_COMPLETED,
     CHILD_WORKFLOW_COMPLETED,
     CHILD_WORKFLOW_FAILED,
     COMPLETED,
@@ -36,6 +37,7 @@ from tether._store.base import (
     Event,
     NewRun,
     QueryTask,
+    RunFilter,
     RunInfo,
     StartOutcome,
     Store,
@@ -45,18 +47,21 @@ from tether._store.base import (
     WorkflowTaskCompletion,
     WorkflowTaskResult,
 )
+from tether._store.changes import Change
 from tether._store.faults import FaultInjector
 from tether.exceptions import StaleTaskError, WorkflowAlreadyStartedError, WorkflowNotFoundError
 
 T = TypeVar("T")
 
-ONE, ALL, EXEC, MANY = "one", "all", "exec", "many"
+ONE, ALL, EXEC, MANY, TOUCH = "one", "all", "exec", "many", "touch"
 
 
 @dataclass(frozen=True, slots=True)
 class Stmt:
     """One statement. ``kind``: ONE -> a row or None, ALL -> rows, EXEC -> rowcount,
-    MANY -> nothing (``params`` is a list of parameter tuples)."""
+    MANY -> nothing (``params`` is a list of parameter tuples). TOUCH is no statement:
+    it tells the driver which kinds of work (``params``, a ``Change``) the commit makes
+    available, so that it wakes the right waiters."""
 
     kind: str
     sql: str
@@ -67,12 +72,32 @@ Op = Generator[Stmt, Any, T]
 """An operation: yields statements, receives their results, returns its value."""
 
 
+def touch(changes: Change) -> Stmt:
+    return Stmt(TOUCH, "", int(changes))
+
+
 @dataclass(frozen=True)
 class Dialect:
     """What differs between backends' SQL."""
 
     row_locks: bool
     """Whether claims must lock rows (concurrent writers) or writes are serialized anyway."""
+    json_functions: Literal["jsonb", "json1"]
+    """How JSON text columns are read: PostgreSQL's ``jsonb`` or SQLite's ``json1``."""
+
+    def json_field_equals(self, column: str, key: str, value: Any) -> tuple[str, list[Any]]:
+        """A condition (and its parameters): the JSON object in text ``column`` has ``key``
+        equal to the string, number or boolean ``value`` (numbers compare as numbers)."""
+        if self.json_functions == "jsonb":
+            return f"({column}::jsonb -> ?) = ?::jsonb", [key, dumps(value)]
+        path = "$." + dumps(key)
+        if isinstance(value, bool):
+            return f"json_type({column}, ?) = ?", [path, "true" if value else "false"]
+        kinds = "'text'" if isinstance(value, str) else "'integer', 'real'"
+        return (
+            f"json_type({column}, ?) IN ({kinds}) AND json_extract({column}, ?) = ?",
+            [path, path, value],
+        )
 
     def skip_locked(self, alias: str) -> str:
         """Suffix for a claim query so concurrent claimers take different rows."""
@@ -249,6 +274,7 @@ class SqlStore(Store):
         deadlines = [d for d in (run.execution_deadline,) if d is not None]
         if run.run_timeout is not None:
             deadlines.append(run.now + run.run_timeout)
+        yield touch(Change.WORKFLOW_TASK | (Change.TIMER if deadlines else 0))
         if deadlines:
             # Timer seq 0 is the run's own deadline: firing it closes the run as timed out.
             yield Stmt(
@@ -285,7 +311,9 @@ class SqlStore(Store):
                 run_id, SIGNAL_RECEIVED, {"name": name, "args": args}, run.now
             )
         if run.update is not None:
-            yield from self._request_update(run_id, run.update, run.now)
+            existing = yield from self._update_state(run_id, run.update.update_id)
+            if existing is None or existing.state == "rejected":  # else: a repeat, deduplicated
+                yield from self._request_update(run_id, run.update, run.now)
 
     async def get_run(self, namespace: str, workflow_id: str, run_id: str | None) -> RunInfo:
         def op() -> Op[RunInfo]:
@@ -319,35 +347,99 @@ class SqlStore(Store):
         status: str | None = None,
         workflow_type: str | None = None,
         limit: int = 1000,
+        where: RunFilter | None = None,
+        after: tuple[float, str] | None = None,
     ) -> list[RunInfo]:
         def op() -> Op[list[RunInfo]]:
-            sql = f"SELECT {_RUN_COLUMNS} FROM runs WHERE namespace = ?"
-            params: list[Any] = [namespace]
+            sql, params = self._run_filter(namespace, where)
             if status is not None:
                 sql += " AND status = ?"
                 params.append(status)
             if workflow_type is not None:
                 sql += " AND workflow_type = ?"
                 params.append(workflow_type)
-            sql += " ORDER BY created_at DESC LIMIT ?"
-            params.append(limit)
-            rows = yield Stmt(ALL, sql, tuple(params))
+            if after is not None:
+                sql += " AND (created_at < ? OR (created_at = ? AND run_id < ?))"
+                params += [after[0], after[0], after[1]]
+            rows = yield Stmt(
+                ALL,
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE {sql} "
+                "ORDER BY created_at DESC, run_id DESC LIMIT ?",
+                (*params, limit),
+            )
             return [_run_info(r) for r in rows]
 
         return await self._execute(op, writes=False)
 
-    async def closed_runs(self, run_ids: list[str]) -> list[str]:
-        def op() -> Op[list[str]]:
-            closed: list[str] = []
+    async def count_runs(self, namespace: str, where: RunFilter | None = None) -> int:
+        def op() -> Op[int]:
+            sql, params = self._run_filter(namespace, where)
+            row = yield Stmt(ONE, f"SELECT count(*) FROM runs WHERE {sql}", tuple(params))
+            return int(row[0])
+
+        return await self._execute(op, writes=False)
+
+    def _run_filter(self, namespace: str, where: RunFilter | None) -> tuple[str, list[Any]]:
+        """The WHERE clause (without the keyword) selecting ``where``'s runs of ``namespace``."""
+        sql = "namespace = ?"
+        params: list[Any] = [namespace]
+        if where is None:
+            return sql, params
+        if where.statuses:
+            sql += f" AND status IN ({','.join('?' * len(where.statuses))})"
+            params += where.statuses
+        if where.workflow_type is not None:
+            sql += " AND workflow_type = ?"
+            params.append(where.workflow_type)
+        if where.workflow_id_prefix:
+            # substr, not LIKE: case-sensitive on both backends and nothing to escape.
+            sql += " AND substr(workflow_id, 1, ?) = ?"
+            params += [len(where.workflow_id_prefix), where.workflow_id_prefix]
+        for column, op, bound in (
+            ("created_at", ">=", where.started_after),
+            ("created_at", "<", where.started_before),
+            ("closed_at", ">=", where.closed_after),
+            ("closed_at", "<", where.closed_before),
+        ):
+            if bound is not None:
+                sql += f" AND {column} {op} ?"
+                params.append(float(bound))
+        for key, value in where.search_attributes.items():
+            condition, values = self.dialect.json_field_equals("search_attributes", key, value)
+            sql += f" AND {condition}"
+            params += values
+        return sql, params
+
+    async def task_queue_backlog(self, task_queue: str, now: float) -> int:
+        def op() -> Op[int]:
+            row = yield Stmt(
+                ONE,
+                "SELECT (SELECT count(*) FROM workflow_tasks WHERE task_queue = ? "
+                "AND (owner IS NOT NULL OR visible_at <= ?)) + "
+                "(SELECT count(*) FROM activity_tasks WHERE task_queue = ? "
+                "AND (owner IS NOT NULL OR visible_at <= ?)) + "
+                "(SELECT count(*) FROM queries WHERE task_queue = ? AND answered = 0) + "
+                "(SELECT count(*) FROM timers t JOIN runs r ON r.run_id = t.run_id "
+                "WHERE r.task_queue = ? AND t.fire_at <= ?)",
+                (task_queue, now, task_queue, now, task_queue, task_queue, now),
+            )
+            return int(row[0])
+
+        return await self._execute(op, writes=False)
+
+    async def closed_runs(self, run_ids: list[str]) -> list[RunInfo]:
+        def op() -> Op[list[RunInfo]]:
+            closed: list[RunInfo] = []
             for i in range(0, len(run_ids), 500):
                 chunk = tuple(run_ids[i : i + 500])
                 marks = ",".join("?" * len(chunk))
                 rows = yield Stmt(
                     ALL,
-                    f"SELECT run_id FROM runs WHERE run_id IN ({marks}) AND status != 'running'",
+                    f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id IN ({marks}) "
+                    "AND status != 'running'",
                     chunk,
                 )
-                closed += [r[0] for r in rows]
+                closed += [_run_info(r) for r in rows]
             return closed
 
         return await self._execute(op, writes=False)
@@ -366,8 +458,12 @@ class SqlStore(Store):
 
     # -- shared steps -----------------------------------------------------------------
     @staticmethod
-    def _append_inbound(run_id: str, event_type: str, data: dict[str, Any], now: float) -> Op[bool]:
-        """Append an inbound event to an open run and make sure a workflow task is queued."""
+    def _append_inbound(
+        run_id: str, event_type: str, data: dict[str, Any], now: float
+    ) -> Op[int | None]:
+        """Append an inbound event to an open run and make sure a workflow task is queued.
+
+        Returns the event's seq, or None if the run has closed."""
         row = yield Stmt(
             ONE,
             "UPDATE runs SET next_seq = next_seq + 1, inbound_seq = next_seq "
@@ -375,8 +471,9 @@ class SqlStore(Store):
             (run_id,),
         )
         if row is None:
-            return False
+            return None
         seq, task_queue = row
+        yield touch(Change.WORKFLOW_TASK)
         yield Stmt(
             EXEC,
             "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
@@ -388,7 +485,7 @@ class SqlStore(Store):
             "ON CONFLICT (run_id) DO NOTHING",
             (run_id, task_queue, now),
         )
-        return True
+        return int(seq)
 
     def _check_lease(self, task: ActivityTask) -> Op[bool]:
         """Fail unless ``task`` still holds its lease; return whether cancel was requested."""
@@ -461,13 +558,20 @@ class SqlStore(Store):
     def _complete_workflow_task(
         self, c: WorkflowTaskCompletion, owner: str, now: float
     ) -> Op[WorkflowTaskResult]:
-        task = c.task
-        run_id = task.run_id
+        run_id = c.task.run_id
         held = yield Stmt(ONE, "SELECT token FROM workflow_tasks WHERE run_id = ?", (run_id,))
-        if held is None or held[0] != task.token:
+        if held is None or held[0] != c.task.token:
             raise StaleTaskError(
                 f"workflow task of run {run_id} is no longer leased by this worker"
             )
+        return (yield from self._apply_completion(c, owner, now))
+
+    def _apply_completion(
+        self, c: WorkflowTaskCompletion, owner: str, now: float
+    ) -> Op[WorkflowTaskResult]:
+        """Record a workflow task's outcome; the run must still be at ``c.task.task_version``."""
+        task = c.task
+        run_id = task.run_id
         events = [*c.events, (WORKFLOW_TASK_COMPLETED, {"inputs_through": c.inputs_through})]
         if not c.record:
             events = []
@@ -482,6 +586,7 @@ class SqlStore(Store):
             raise StaleTaskError(f"run {run_id} advanced past task version {task.task_version}")
         next_seq, inbound_seq, task_version = row
         if events:
+            yield touch(Change.HISTORY)
             yield Stmt(
                 MANY,
                 "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
@@ -490,6 +595,7 @@ class SqlStore(Store):
         read_until = next_seq  # no event has this seq yet: only update requests raise to it
         next_seq += len(events)
         if c.timers:
+            yield touch(Change.TIMER)
             yield Stmt(
                 MANY,
                 "INSERT INTO timers (run_id, seq, fire_at) VALUES (?, ?, ?)",
@@ -539,6 +645,8 @@ class SqlStore(Store):
                     )
                 )
         if rows:
+            if len(eager) < len(rows):
+                yield touch(Change.ACTIVITY_TASK)
             yield Stmt(
                 MANY,
                 "INSERT INTO activity_tasks (run_id, seq, task_queue, activity_type, args, "
@@ -559,6 +667,7 @@ class SqlStore(Store):
                 (run_id, seq),
             )
         if c.updates:
+            yield touch(Change.UPDATE)
             yield Stmt(
                 MANY,
                 "UPDATE updates SET state = ?, result = ?, failure = ? "
@@ -576,6 +685,7 @@ class SqlStore(Store):
             )
         more_work = False
         if c.close is not None:
+            yield touch(Change.RUN_CLOSED | Change.UPDATE)
             new_run = c.continue_as_new
             yield Stmt(
                 EXEC,
@@ -611,6 +721,7 @@ class SqlStore(Store):
                 )
                 more_work = waiting is not None
             if more_work:
+                yield touch(Change.WORKFLOW_TASK)
                 yield Stmt(
                     EXEC,
                     "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ?, "
@@ -705,6 +816,7 @@ class SqlStore(Store):
                 (retry_at, task.run_id, task.token),
             )
             if updated:
+                yield touch(Change.WORKFLOW_TASK)
                 yield Stmt(
                     EXEC,
                     "UPDATE runs SET task_failure = ? WHERE run_id = ?",
@@ -761,6 +873,19 @@ class SqlStore(Store):
 
         return await self._execute(op, writes=True)
 
+    def _end_activity(self, task: ActivityTask) -> Op[bool]:
+        """Remove the finished activity ``task`` (``StaleTaskError`` unless it still holds
+        its lease); return whether the workflow still waits for its result."""
+        deleted = yield Stmt(
+            ONE,
+            "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND token = ? "
+            "RETURNING cancel_requested",
+            (task.run_id, task.seq, task.token),
+        )
+        if deleted is None:
+            raise self._stale(task)
+        return not deleted[0]
+
     async def finish_activity(
         self,
         task: ActivityTask,
@@ -770,20 +895,36 @@ class SqlStore(Store):
         claim: EagerClaim | None = None,
     ) -> tuple[WorkflowTask, list[Event]] | None:
         def op() -> Op[tuple[WorkflowTask, list[Event]] | None]:
-            deleted = yield Stmt(
-                ONE,
-                "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND token = ? "
-                "RETURNING cancel_requested",
-                (task.run_id, task.seq, task.token),
-            )
-            if deleted is None:
-                raise self._stale(task)
-            if deleted[0]:
+            if not (yield from self._end_activity(task)):
                 return None  # the workflow no longer waits for this result
             appended = yield from self._append_inbound(task.run_id, event_type, data, now)
             if not appended or claim is None:
                 return None
             return (yield from self._claim_woken_task(task.run_id, claim, now))
+
+        return await self._execute(op, writes=True)
+
+    async def finish_activity_and_continue(
+        self,
+        task: ActivityTask,
+        data: dict[str, Any],
+        now: float,
+        completion: WorkflowTaskCompletion,
+        expected_seq: int,
+        owner: str,
+    ) -> WorkflowTaskResult | None:
+        def op() -> Op[WorkflowTaskResult | None]:
+            if not (yield from self._end_activity(task)):
+                return None  # the workflow no longer waits for this result
+            # A queued workflow task means inputs the cached instance has not seen (they
+            # may sit below expected_seq, having arrived while its last task ran).
+            queued = yield Stmt(
+                ONE, "SELECT 1 FROM workflow_tasks WHERE run_id = ?", (task.run_id,)
+            )
+            seq = yield from self._append_inbound(task.run_id, ACTIVITY_COMPLETED, data, now)
+            if queued is not None or seq != expected_seq:
+                return None  # other inputs came first: the queued workflow task takes it
+            return (yield from self._apply_completion(completion, owner, now))
 
         return await self._execute(op, writes=True)
 
@@ -835,6 +976,7 @@ class SqlStore(Store):
     ) -> None:
         def op() -> Op[None]:
             yield from self._check_lease(task)
+            yield touch(Change.ACTIVITY_TASK)
             yield Stmt(
                 EXEC,
                 "UPDATE activity_tasks SET owner = NULL, token = NULL, visible_at = ?, "
@@ -876,14 +1018,18 @@ class SqlStore(Store):
 
         return await self._execute(op, writes=True)
 
-    async def next_due_time(self) -> float | None:
+    async def next_due_time(self, after: float | None = None) -> float | None:
         def op() -> Op[float | None]:
+            since = float("-inf") if after is None else after
             row = yield Stmt(
                 ONE,
                 "SELECT min(t) FROM ("
                 "SELECT min(fire_at) AS t FROM timers "
                 "UNION ALL SELECT min(visible_at) FROM activity_tasks WHERE owner IS NULL "
-                "UNION ALL SELECT min(visible_at) FROM workflow_tasks WHERE owner IS NULL) due",
+                "AND visible_at > ? "
+                "UNION ALL SELECT min(visible_at) FROM workflow_tasks WHERE owner IS NULL "
+                "AND visible_at > ?) due",
+                (since, since),
             )
             return None if row is None else row[0]
 
@@ -927,6 +1073,7 @@ class SqlStore(Store):
 
     async def release_leases(self, owner: str, now: float) -> None:
         def op() -> Op[None]:
+            yield touch(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
             yield Stmt(
                 EXEC,
                 "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
@@ -1125,6 +1272,7 @@ class SqlStore(Store):
         now: float,
     ) -> Op[None]:
         """Tell the parent (if any) and apply this run's parent-close policy to its children."""
+        yield touch(Change.RUN_CLOSED | Change.UPDATE)
         parent = yield Stmt(
             ONE, "SELECT parent_run_id, parent_seq FROM runs WHERE run_id = ?", (run_id,)
         )
@@ -1201,6 +1349,7 @@ class SqlStore(Store):
         return await self._execute(op, writes=True)
 
     def _request_update(self, run_id: str, request: UpdateRequest, now: float) -> Op[UpdateState]:
+        yield touch(Change.WORKFLOW_TASK)
         yield Stmt(
             EXEC,
             "INSERT INTO updates (run_id, update_id, name, args, state, created_at) "
@@ -1261,6 +1410,7 @@ class SqlStore(Store):
     ) -> None:
         def op() -> Op[None]:
             target, _, task_queue = yield from self._find_run(namespace, workflow_id, run_id, False)
+            yield touch(Change.QUERY)
             yield Stmt(
                 EXEC,
                 "INSERT INTO queries (query_id, run_id, task_queue, name, args, created_at, "
@@ -1301,6 +1451,7 @@ class SqlStore(Store):
         self, query: QueryTask, result: Any, failure: dict[str, Any] | None
     ) -> None:
         def op() -> Op[None]:
+            yield touch(Change.QUERY)
             yield Stmt(
                 EXEC,
                 "UPDATE queries SET answered = 1, result = ?, failure = ? "

@@ -6,14 +6,15 @@ savepoint, so one failing operation does not undo the others), commits once, and
 only then resolves the callers' futures. Many state transitions share one fsync;
 none is acknowledged before its commit is durable (WAL, ``synchronous=FULL``).
 
-Other processes' commits are noticed through ``PRAGMA data_version`` and wake
-this process's waiters, so cross-process dispatch does not wait for a poll.
+Other processes' commits wake this process's waiters through a Unix datagram
+socket per store (``sqlite_wakeup``), so cross-process dispatch does not wait for a
+poll; ``PRAGMA data_version``, polled every ``poll_interval`` without it and every
+100 ms with it, notices the commits of writers that send no wake-ups.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import queue
 import sqlite3
@@ -22,7 +23,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tether._store import migrations
-from tether._store.sql import ALL, EXEC, ONE, Dialect, Op, SqlStore
+from tether._store.changes import Change, ChangeWaiters
+from tether._store.sql import ALL, EXEC, ONE, TOUCH, Dialect, Op, SqlStore
+from tether._store.sqlite_wakeup import CommitWakeup
 from tether.exceptions import (
     StoreError,
 )
@@ -36,24 +39,29 @@ _MAX_BATCH = 512
 
 
 class _Op:
-    __slots__ = ("fn", "fut", "loop", "writes")
+    __slots__ = ("changes", "fut", "loop", "make", "writes")
 
     def __init__(
         self,
-        fn: Callable[[sqlite3.Connection], Any],
+        make: Callable[[], Op[Any]],
         loop: asyncio.AbstractEventLoop,
         fut: asyncio.Future[Any],
         writes: bool,
     ) -> None:
-        self.fn = fn
+        self.make = make
         self.loop = loop
         self.fut = fut
         self.writes = writes
+        self.changes = 0
+        """The kinds of work (``Change``) the operation touched."""
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        return _drive(self, conn)
 
 
-def _drive(make: Callable[[], Op[Any]], conn: sqlite3.Connection) -> Any:
+def _drive(request: _Op, conn: sqlite3.Connection) -> Any:
     """Run an operation's statements on ``conn`` until it returns its value."""
-    op = make()
+    op = request.make()
     try:
         stmt = next(op)
         while True:
@@ -63,6 +71,9 @@ def _drive(make: Callable[[], Op[Any]], conn: sqlite3.Connection) -> Any:
                 result = conn.execute(stmt.sql, stmt.params).fetchall()
             elif stmt.kind == EXEC:
                 result = conn.execute(stmt.sql, stmt.params).rowcount
+            elif stmt.kind == TOUCH:
+                request.changes |= stmt.params
+                result = None
             else:
                 conn.executemany(stmt.sql, stmt.params)
                 result = None
@@ -102,7 +113,8 @@ class SqliteStore(SqlStore):
     serves reads from WAL snapshots without waiting behind the writer's fsync.
     """
 
-    dialect = Dialect(row_locks=False)  # one writer at a time: no row locks needed
+    # One writer at a time: no row locks needed.
+    dialect = Dialect(row_locks=False, json_functions="json1")
 
     def __init__(self, path: str, *, poll_interval: float = 0.01) -> None:
         super().__init__()
@@ -111,8 +123,7 @@ class SqliteStore(SqlStore):
         self._writes: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         in_memory = path == ":memory:"
         self._reads = self._writes if in_memory else queue.SimpleQueue()
-        self._waiters: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        self._waiters_lock = threading.Lock()
+        self._waiters = ChangeWaiters()
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._open_thread(self._run_writer, "writer")
@@ -183,7 +194,7 @@ class SqliteStore(SqlStore):
             results: list[tuple[_Op, bool, Any]] = []
             for op in batch:
                 try:
-                    results.append((op, True, op.fn(conn)))
+                    results.append((op, True, op.run(conn)))
                 except BaseException as e:
                     results.append((op, False, e))
             _deliver(results)
@@ -191,31 +202,44 @@ class SqliteStore(SqlStore):
                 return
 
     def _run_writer(self, conn: sqlite3.Connection) -> None:
+        wakeup = CommitWakeup(self.path, self._waiters.notify, self._poll_interval)
+        try:
+            self._write_loop(conn, wakeup)
+        finally:
+            wakeup.close()
+
+    def _write_loop(self, conn: sqlite3.Connection, wakeup: CommitWakeup) -> None:
         data_version = conn.execute("PRAGMA data_version").fetchone()[0]
         while True:
             try:
-                first = self._writes.get(timeout=self._poll_interval)
+                first = self._writes.get(timeout=wakeup.poll_interval)
             except queue.Empty:
                 # Another process committed? Wake our waiters without polling the tables.
                 version = conn.execute("PRAGMA data_version").fetchone()[0]
+                wakeup.polled(changed=version != data_version)
                 if version != data_version:
                     data_version = version
-                    self._notify()
+                    self._waiters.notify(Change.ALL)  # what changed is unknown
                 continue
             if first is None:
                 return
             batch, stop = self._drain(self._writes, first)
-            changed = self._run_batch(conn, batch)
+            changes = self._run_batch(conn, batch)
+            if changes:
+                wakeup.committed(changes)
+                self._waiters.notify(changes)
             version = conn.execute("PRAGMA data_version").fetchone()[0]
-            if changed or version != data_version:
+            if version != data_version:
                 data_version = version
-                self._notify()
+                if not wakeup.active:  # else the other process's wake-up says what changed
+                    self._waiters.notify(Change.ALL)
             if stop:
                 return
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> bool:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> int:
+        """Run and commit ``batch``; return the kinds of work (``Change``) it touched."""
         writes = any(op.writes for op in batch)
-        before = conn.total_changes
+        changes = 0
         try:
             conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
             results = self._run_ops(conn, batch, isolate=False)
@@ -227,6 +251,9 @@ class SqliteStore(SqlStore):
                 results = self._run_ops(conn, batch, isolate=True)
                 assert results is not None
             conn.execute("COMMIT")
+            for op, ok, _ in results:
+                if ok:
+                    changes |= op.changes
         except sqlite3.Error as e:
             if conn.in_transaction:
                 try:
@@ -237,7 +264,7 @@ class SqliteStore(SqlStore):
             results = [(op, False, error) for op in batch]
         # Only now, after COMMIT returned (fsync done), are callers told.
         _deliver(results)
-        return conn.total_changes != before
+        return changes
 
     @staticmethod
     def _run_ops(
@@ -254,7 +281,7 @@ class SqliteStore(SqlStore):
                 conn.execute("SAVEPOINT op")
             changes = conn.total_changes
             try:
-                value = op.fn(conn)
+                value = op.run(conn)
             except BaseException as e:
                 if isolate:
                     conn.execute("ROLLBACK TO op")
@@ -268,15 +295,6 @@ class SqliteStore(SqlStore):
             results.append((op, True, value))
         return results
 
-    def _notify(self) -> None:
-        with self._waiters_lock:
-            waiters, self._waiters = self._waiters, {}
-        for loop, futs in waiters.items():
-            try:
-                loop.call_soon_threadsafe(_resolve_all, [(f, True, None) for f in futs])
-            except RuntimeError:
-                pass
-
     async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
         if self._closed:
             raise StoreError("the store is closed", retryable=False)
@@ -284,20 +302,14 @@ class SqliteStore(SqlStore):
             self.faults.before(writes)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        (self._writes if writes else self._reads).put(
-            _Op(functools.partial(_drive, make), loop, fut, writes)
-        )
+        (self._writes if writes else self._reads).put(_Op(make, loop, fut, writes))
         value = await fut
         if self.faults is not None:
             self.faults.after(writes)
         return value
 
-    def change_waiter(self) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        with self._waiters_lock:
-            self._waiters.setdefault(loop, []).append(fut)
-        return fut
+    def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
+        return self._waiters.add(changes)
 
     def _shutdown_threads(self) -> None:
         self._writes.put(None)
