@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from tether import Client, Worker, workflow
+from tether import Client, Worker, activity, workflow
 
 TASK_QUEUE = "api-test"
 
@@ -69,5 +70,32 @@ class Quick:
         return a + b
 
 
+@activity.defn
+async def slow_step(marker: str, seconds: float) -> int:
+    """Leaves ``marker.N`` for attempt N; the first attempt then takes ``seconds``."""
+    attempt = activity.info().attempt
+    Path(f"{marker}.{attempt}").write_text("started")
+    if attempt == 1:
+        await asyncio.sleep(seconds)
+    return attempt
+
+
+@workflow.defn
+class Job:
+    """Runs ``slow_step`` once; returns the attempt that finished it."""
+
+    @workflow.run
+    async def run(self, marker: str, seconds: float) -> int:
+        result: int = await workflow.execute_activity(
+            slow_step, marker, seconds, start_to_close_timeout=120
+        )
+        return result
+
+
 def make_worker(client: Client) -> Worker:
-    return Worker(client, task_queue=TASK_QUEUE, workflows=[Greeter, Sleeper, Quick])
+    return Worker(
+        client,
+        task_queue=TASK_QUEUE,
+        workflows=[Greeter, Sleeper, Quick, Job],
+        activities=[slow_step],
+    )

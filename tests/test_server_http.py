@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote
 
@@ -284,6 +286,33 @@ def test_cancel_terminate_and_failure(http: httpx.Client) -> None:
             "timeout",
         ),
         ("POST", "/x/signals/s", {"json": {"args": {"a": 1}}}, 422, "invalid_request", "args"),
+        ("GET", "?started_after=yesterday", {}, 400, "invalid_parameter", "ISO 8601"),
+        ("GET", "?closed_before=nan", {}, 400, "invalid_parameter", "epoch seconds"),
+        ("GET", "?started_after=10&started_before=5", {}, 400, "invalid_parameter", "earlier"),
+        ("GET", "?status=running,bogus", {}, 400, "invalid_parameter", "bogus"),
+        ("GET", "?search_attributes={bad", {}, 400, "invalid_parameter", "not valid JSON"),
+        ("GET", "?search_attributes=[1]", {}, 400, "invalid_parameter", "JSON object"),
+        ("GET", '?search_attributes={"a":null}', {}, 400, "invalid_parameter", "booleans"),
+        ("GET", '?search_attributes={"a b":1}', {}, 400, "invalid_parameter", "'a b'"),
+        ("GET", "?page_token=zzz", {}, 400, "invalid_parameter", "page_token"),
+        ("GET", "/x/history?follow=maybe", {}, 400, "invalid_parameter", "follow"),
+        ("GET", "/nope/history?follow=true", {}, 404, "not_found", "'nope'"),
+        (
+            "POST",
+            "/update-with-start",
+            {"json": {"workflow_type": "Greeter", "task_queue": "q", "workflow_id": "w"}},
+            422,
+            "invalid_request",
+            "update",
+        ),
+        (
+            "POST",
+            "/signal-with-start",
+            {"json": {"workflow_type": "Greeter", "task_queue": "q"}},
+            422,
+            "invalid_request",
+            "signal",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_4xx(
@@ -352,6 +381,157 @@ def test_namespaces_isolate(http: httpx.Client) -> None:
     assert http.get(wf("team-b", f"/{wid}")).json()["status"] == "running"
 
 
+def test_list_and_count_filters_and_pages(http: httpx.Client) -> None:
+    ns = f"filters-{uuid.uuid4().hex[:6]}"
+    body = {"workflow_type": "Greeter", "task_queue": "nobody", "args": ["x"]}
+    for i, team in enumerate(["red", "blue", "red", "blue", "red"]):
+        attrs = {"team": team, "n": i, "vip": i == 0}
+        r = http.post(
+            wf(ns), json={**body, "workflow_id": f"order-{i}", "search_attributes": attrs}
+        )
+        assert r.status_code == 201, r.text
+    http.post(wf(ns), json={**body, "workflow_type": "Sleeper", "workflow_id": "Order-x"})
+    assert http.post(wf(ns, "/order-1/terminate")).status_code == 200
+    count_url = f"/api/v1/namespaces/{ns}/workflow-count"
+
+    def count(**params: Any) -> int:
+        r = http.get(count_url, params=params)
+        assert r.status_code == 200, r.text
+        listed = http.get(wf(ns), params=params).json()["workflows"]
+        assert len(listed) == r.json()["count"]
+        return int(r.json()["count"])
+
+    assert count() == 6
+    assert count(type="Greeter") == 5 and count(type="Sleeper") == 1
+    assert count(status="terminated") == 1 and count(status=["running", "terminated"]) == 6
+    assert count(id_prefix="order-") == 5 and count(id_prefix="Order") == 1
+    assert count(search_attributes='{"team": "red"}') == 3
+    assert count(search_attributes='{"team": "red", "n": 2}') == 1
+    assert count(search_attributes='{"vip": true}') == 1
+    assert count(search_attributes='{"n": "2"}') == 0  # a string is not the number 2
+    assert count(closed_after="2000-01-01T00:00:00+00:00") == 1
+    newest = http.get(wf(ns), params={"limit": 1}).json()["workflows"][0]
+    assert newest["workflow_id"] == "Order-x"
+    assert count(started_after=newest["start_time"]) == 1
+    assert count(started_before=newest["start_time"]) == 5
+    # Pages: newest first, each page continuing after the last.
+    seen: list[str] = []
+    token = None
+    while True:
+        params = {"limit": 2, **({"page_token": token} if token else {})}
+        page = http.get(wf(ns), params=params).json()
+        seen += [w["workflow_id"] for w in page["workflows"]]
+        token = page["next_page_token"]
+        if token is None:
+            break
+    assert seen == ["Order-x", "order-4", "order-3", "order-2", "order-1", "order-0"]
+
+
+def test_workflow_ids_with_slashes_and_odd_characters(http: httpx.Client) -> None:
+    body = {"workflow_type": "Greeter", "task_queue": "nobody", "args": ["x"]}
+    ids = ["a/b", "x/result", "t/signals/s", "50%/c d?e#f", "end/", "ünï/çødé"]
+    for wid in ids:
+        assert http.post(wf(), json={**body, "workflow_id": wid}).status_code == 201
+        encoded = quote(wid, safe="")
+        assert http.get(wf(suffix=f"/{encoded}")).json()["workflow_id"] == wid
+        history = http.get(wf(suffix=f"/{encoded}/history")).json()
+        assert history["workflow_id"] == wid and history["events"][0]["type"] == "WorkflowStarted"
+        r = http.post(wf(suffix=f"/{encoded}/signals/finish"))
+        assert r.status_code == 202, (wid, r.text)
+        assert http.post(wf(suffix=f"/{encoded}/terminate")).status_code == 200
+        r = http.get(wf(suffix=f"/{encoded}/result")).json()
+        assert (r["workflow_id"], r["status"]) == (wid, "terminated")
+    # An unencoded '/' works too: the id runs up to the sub-resource.
+    assert http.get(wf(suffix="/a/b")).json()["workflow_id"] == "a/b"
+    assert http.get(wf(suffix="/a/b/result")).json()["workflow_id"] == "a/b"
+    # ... but an id ending like a sub-resource must be encoded to mean itself.
+    assert http.get(wf(suffix="/x/result")).json()["message"] == (
+        "no workflow 'x' in namespace 'default'"
+    )
+    listed = http.get(wf(), params={"id_prefix": "t/signals"}).json()["workflows"]
+    assert [w["workflow_id"] for w in listed] == ["t/signals/s"]
+
+
+def test_signal_with_start_and_update_with_start(http: httpx.Client) -> None:
+    wid = f"sws-{uuid.uuid4().hex[:6]}"
+    sws = {
+        "workflow_type": "Greeter",
+        "task_queue": TASK_QUEUE,
+        "workflow_id": wid,
+        "args": ["Ada"],
+        "signal": "set_greeting",
+        "signal_args": ["Hey"],
+    }
+    first = http.post(wf(suffix="/signal-with-start"), json=sws)
+    assert first.status_code == 200, first.text
+    assert http.post(wf(suffix=f"/{wid}/queries/current")).json() == {"result": "Hey, Ada!"}
+    # Running: the signal goes to the same run.
+    again = http.post(wf(suffix="/signal-with-start"), json={**sws, "signal_args": ["Ho"]})
+    assert again.json()["run_id"] == first.json()["run_id"]
+    deadline = time.monotonic() + 15  # a query sees the signal once a workflow task ran
+    while http.post(wf(suffix=f"/{wid}/queries/current")).json() != {"result": "Ho, Ada!"}:
+        assert time.monotonic() < deadline, "the second signal never reached the run"
+        time.sleep(0.02)
+    history = http.get(wf(suffix=f"/{wid}/history")).json()["events"]
+    assert [e["type"] for e in history].count("SignalReceived") == 2
+
+    uws = {
+        "workflow_type": "Greeter",
+        "task_queue": TASK_QUEUE,
+        "workflow_id": f"uws-{uuid.uuid4().hex[:6]}",
+        "args": ["Ada"],
+        "update": "rename",
+        "update_args": ["Bob"],
+        "update_id": "u1",
+    }
+    r = http.post(wf(suffix="/update-with-start"), json=uws)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["workflow_id"] == uws["workflow_id"] and answer["update_id"] == "u1"
+    # Running: the next update goes to the same run.
+    r = http.post(
+        wf(suffix="/update-with-start"), json={**uws, "update_args": ["Cy"], "update_id": "u2"}
+    )
+    assert r.json()["result"] == "Bob" and answer["result"] in ("", "Ada")
+    runs = http.get(wf(), params={"id_prefix": uws["workflow_id"]}).json()["workflows"]
+    assert [w["status"] for w in runs] == ["running"]
+    r = http.post(
+        wf(suffix="/update-with-start"), json={**uws, "update_args": [""], "update_id": "u3"}
+    )
+    assert r.status_code == 400 and "name must not be empty" in r.json()["message"]
+    r = http.post(wf(suffix="/update-with-start"), json={**uws, "workflow_type": "Nope"})
+    assert r.status_code == 400 and r.json()["error"] == "unknown_workflow_type"
+    for w in (wid, uws["workflow_id"]):
+        http.post(wf(suffix=f"/{w}/terminate"))
+
+
+def test_history_follow_streams_until_the_run_closes(http: httpx.Client) -> None:
+    wid = start(http, "Greeter", "Ada")
+    wait_first_task(http, wid)
+    with http.stream("GET", wf(suffix=f"/{wid}/history"), params={"follow": "true"}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = r.iter_lines()
+        first = json.loads(next(lines))
+        assert first["seq"] == 1 and first["type"] == "WorkflowStarted"
+        assert http.post(wf(suffix=f"/{wid}/signals/finish")).status_code == 202
+        events = [first] + [json.loads(line) for line in lines if line]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert "SignalReceived" in [e["type"] for e in events]
+    assert "WorkflowCompleted" in [e["type"] for e in events[-2:]]
+    # The run is closed: a follow (here from seq 2, as Server-Sent Events) ends at once.
+    r = http.get(
+        wf(suffix=f"/{wid}/history"),
+        params={"follow": "1", "after_seq": 2},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    frames = [f for f in r.text.split("\n\n") if f]
+    assert frames[-1] == "event: end\ndata: {}"
+    data = [json.loads(f.split("data: ", 1)[1]) for f in frames[:-1]]
+    assert [d["seq"] for d in data] == [e["seq"] for e in events[2:]]
+
+
 KEYS = "writer-key=default:write; reader-key=default:read; other-key=other:write; all=*:write"
 
 
@@ -409,6 +589,30 @@ def test_api_keys_refuse_and_change_nothing(keyed: ServerThread, http: httpx.Cli
     c.close()
 
 
+def test_cli_through_a_server_with_api_keys(keyed: ServerThread) -> None:
+    """``tether workflow ... --address``: the key from --api-key or TETHER_API_KEY."""
+    from test_cli import ENV, TETHER
+
+    def tether(*args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**ENV, "TETHER_ADDRESS": keyed.base_url, "TETHER_API_KEY": key or ""}
+        return subprocess.run(
+            [*TETHER, "workflow", *args], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        no_key = pool.submit(tether, "count")
+        reader = pool.submit(tether, "count", "--api-key", "reader-key", "-o", "json")
+        write = pool.submit(tether, "start", "Greeter", '"K"', "-q", "nobody", key="reader-key")
+        other = pool.submit(tether, "count", "-n", "other", key="reader-key")
+        assert no_key.result().returncode == 1
+        assert "needs an API key" in no_key.result().stderr
+        assert reader.result().returncode == 0, reader.result().stderr
+        assert json.loads(reader.result().stdout)["count"] >= 0
+        assert write.result().returncode == 1
+        assert "may not write to namespace 'default'" in write.result().stderr
+        assert other.result().returncode == 1 and "may not access" in other.result().stderr
+
+
 # -- property-based fuzz of the OpenAPI document: no input gets a 5xx -------------------
 
 _json = st.recursive(
@@ -444,7 +648,13 @@ def _operations() -> list[tuple[str, str, list[str]]]:
     op=st.sampled_from(_operations()),
     segments=st.lists(_segment, min_size=3, max_size=3),
     query=st.dictionaries(
-        st.sampled_from(["status", "type", "limit", "wait", "after_seq", "run_id", "x"]),
+        st.sampled_from(
+            [
+                *("status", "type", "limit", "wait", "after_seq", "run_id", "x", "id_prefix"),
+                *("started_after", "closed_before", "search_attributes", "page_token"),
+                "follow",
+            ]
+        ),
         st.sampled_from(["", "0", "-1", "1", "5", "1e309", "nan", "abc", "running"])
         | st.text(max_size=10),
         max_size=3,
@@ -463,6 +673,8 @@ def _operations() -> list[tuple[str, str, list[str]]]:
                 "reason": _json,
                 "update_id": _json,
                 "id_reuse_policy": _json,
+                "signal": _json,
+                "update": _json,
             },
         ).map(lambda v: json.dumps(v).encode()),
         st.binary(max_size=50),
@@ -480,6 +692,8 @@ def test_fuzz_openapi_operations_never_5xx(
     path = re.sub(r"\{[^}]+\}", lambda _: next(values), template)
     if "wait" in query:
         query["wait"] = "0"  # keep long-polls short; bad values are tested elsewhere
+    if "follow" in query:
+        query["follow"] = "false"  # a follow of a running workflow lasts until it closes
     with httpx.Client(base_url=server.base_url, timeout=30) as c:
         r = c.request(method, path, params=query, content=body)
     assert r.status_code < 500, (method, path, query, body, r.text)

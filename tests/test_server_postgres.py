@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -71,6 +72,7 @@ def test_two_servers_share_one_postgres(fresh_postgres: str, two_servers: list[s
                 "task_queue": TASK_QUEUE,
                 "workflow_id": "pg-1",
                 "args": ["Ada"],
+                "search_attributes": {"team": "red", "size": 3},
             },
         )
         assert r.status_code == 201, r.text
@@ -90,9 +92,27 @@ def test_two_servers_share_one_postgres(fresh_postgres: str, two_servers: list[s
             "result": "Ada"
         }
         assert a.post(WF + "/pg-1/queries/current").json() == {"result": "Hello, Grace!"}
-        assert b.post(WF + "/pg-1/signals/finish").status_code == 202
+        # One server streams the history while the run finishes through the other.
+        with b.stream("GET", WF + "/pg-1/history", params={"follow": "true"}) as stream:
+            lines = stream.iter_lines()
+            assert json.loads(next(lines))["type"] == "WorkflowStarted"
+            assert a.post(WF + "/pg-1/signals/finish").status_code == 202
+            followed = [json.loads(line)["type"] for line in lines if line]
+        assert "WorkflowCompleted" in followed
         done = a.get(WF + "/pg-1/result", params={"wait": 20}).json()
         assert done["status"] == "completed" and done["result"] == "Hello, Grace!"
         assert [w["workflow_id"] for w in b.get(WF).json()["workflows"]] == ["pg-1"]
+        # Filters run in PostgreSQL's SQL (jsonb for search attributes).
+        count = "/api/v1/namespaces/default/workflow-count"
+        for filters, expected in [
+            ({"search_attributes": '{"team": "red", "size": 3.0}'}, 1),
+            ({"search_attributes": '{"team": "blue"}'}, 0),
+            ({"status": "completed", "id_prefix": "pg-", "type": "Greeter"}, 1),
+            ({"closed_after": "2000-01-01T00:00:00Z", "started_before": "2999-01-01"}, 1),
+            ({"status": "running,failed"}, 0),
+        ]:
+            assert a.get(count, params=filters).json() == {"count": expected}, filters
+            listed = b.get(WF, params=filters).json()["workflows"]
+            assert len(listed) == expected, filters
     a.close()
     b.close()

@@ -78,6 +78,18 @@ class Worker:
                 raise InvalidArgumentError(f"duplicate {kind} names: {', '.join(duplicates)}")
         self.client = client
         self.task_queue = task_queue
+        self._options: dict[str, Any] = {
+            "task_queue": task_queue,
+            "workflows": workflows,
+            "activities": activities,
+            "max_concurrent_activities": max_concurrent_activities,
+            "max_concurrent_workflow_tasks": max_concurrent_workflow_tasks,
+            "max_cached_workflows": max_cached_workflows,
+            "identity": identity,
+            "lease_duration": lease_duration,
+            "graceful_shutdown_timeout": graceful_shutdown_timeout,
+            "activity_executor": activity_executor,
+        }
         self._engine = Engine(
             client.store,
             client.clock,
@@ -99,6 +111,17 @@ class Worker:
     @property
     def identity(self) -> str:
         return self._engine.identity
+
+    def with_options(self, **changes: Any) -> Worker:
+        """A new worker like this one (same client, workflows, activities and identity)
+        with some constructor arguments changed, e.g. ``task_queue=...``; this one must
+        not have started."""
+        if self._started:
+            raise RuntimeError("with_options() needs a worker that has not started")
+        unknown = set(changes) - set(self._options)
+        if unknown:
+            raise InvalidArgumentError(f"unknown worker options: {', '.join(sorted(unknown))}")
+        return Worker(self.client, **{**self._options, "identity": self.identity, **changes})
 
     @property
     def stats(self) -> dict[str, int]:

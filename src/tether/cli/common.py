@@ -39,14 +39,18 @@ class _UsageError(CliError):
     exit_code = EXIT_USAGE
 
 
+def cli_error(e: TetherError) -> CliError:
+    """A Tether error as a message and exit code: 2 for bad input, else 1."""
+    usage = isinstance(e, InvalidArgumentError | PayloadError | UnknownWorkflowTypeError)
+    return CliError(str(e), EXIT_USAGE if usage else EXIT_FAILED)
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine, turning Tether errors into messages and exit codes."""
     try:
         return asyncio.run(coro)
-    except (InvalidArgumentError, PayloadError, UnknownWorkflowTypeError) as e:
-        raise CliError(str(e), EXIT_USAGE) from None
     except TetherError as e:
-        raise CliError(str(e), EXIT_FAILED) from None
+        raise cli_error(e) from None
 
 
 def db_option(fn: F) -> F:
@@ -60,24 +64,28 @@ def db_option(fn: F) -> F:
     )(fn)
 
 
-def store_options(fn: F) -> F:
-    fn = click.option(
-        "--output",
-        "-o",
-        type=click.Choice(["text", "json"]),
-        default="text",
-        show_default=True,
-        help="Output format.",
-    )(fn)
-    fn = click.option(
-        "--namespace",
-        "-n",
-        envvar="TETHER_NAMESPACE",
-        default="default",
-        show_default=True,
-        help="Namespace (env TETHER_NAMESPACE).",
-    )(fn)
-    return db_option(fn)
+OUTPUTS = ("text", "json", "jsonl")
+
+
+def emit(output: str, data: Any, text: str | None = None) -> None:
+    """Print one answer: ``text`` (or nothing if None) in text mode, else ``data`` as JSON."""
+    if output == "json":
+        click.echo(dump(data))
+    elif output == "jsonl":
+        click.echo(json.dumps(data, default=str, separators=(",", ":")))
+    elif text is not None:
+        click.echo(text)
+
+
+def emit_items(output: str, items: list[Any], show_text: Callable[[list[Any]], None]) -> None:
+    """Print a list: a JSON array (json), one item per line (jsonl) or ``show_text(items)``."""
+    if output == "json":
+        click.echo(dump(items))
+    elif output == "jsonl":
+        for item in items:
+            emit("jsonl", item)
+    else:
+        show_text(items)
 
 
 def parse_json_args(values: tuple[str, ...]) -> list[Any]:

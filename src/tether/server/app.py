@@ -50,7 +50,7 @@ def create_app(
     (``/healthz``, ``/readyz`` and ``/openapi.json`` stay open). Bodies over
     ``max_body_bytes`` and arguments over ``max_payload_bytes`` (each) get 413.
     """
-    openapi = build_openapi(_version())
+    openapi: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -62,6 +62,8 @@ def create_app(
             await app.state.tether.close()
 
     async def openapi_json(request: Request) -> Response:
+        if not openapi:  # built on first use: a CLI running the app in-process never asks
+            openapi.update(build_openapi(_version()))
         return JSONResponse(openapi)
 
     async def http_error(request: Request, exc: Exception) -> Response:

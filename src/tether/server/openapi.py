@@ -11,8 +11,10 @@ from tether.server.models import (
     QueryRequest,
     ReasonRequest,
     SignalRequest,
+    SignalWithStartRequest,
     StartWorkflowRequest,
     UpdateRequestBody,
+    UpdateWithStartRequest,
 )
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -26,7 +28,32 @@ def _param(name: str, where: str, schema: dict[str, Any], required: bool = False
 _NS = _param(
     "namespace", "path", {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"}
 )
-_ID = _param("workflow_id", "path", {"type": "string", "minLength": 1})
+_ID = {
+    **_param("workflow_id", "path", {"type": "string", "minLength": 1}),
+    "description": "Percent-encode '/' in an id as %2F (an unencoded '/' works too, unless "
+    "the id ends like a sub-resource path).",
+}
+_TIME: dict[str, Any] = {
+    "type": "string",
+    "description": "ISO 8601 (naive means UTC) or epoch seconds",
+}
+_FILTERS = [
+    {
+        **_param("status", "query", {"type": "string", "enum": list(STATUSES)}),
+        "description": "Repeat or comma-separate for any of several statuses.",
+    },
+    _param("type", "query", {"type": "string"}),
+    _param("id_prefix", "query", {"type": "string"}),
+    _param("started_after", "query", _TIME),
+    _param("started_before", "query", _TIME),
+    _param("closed_after", "query", _TIME),
+    _param("closed_before", "query", _TIME),
+    {
+        **_param("search_attributes", "query", {"type": "string"}),
+        "description": 'A JSON object, e.g. {"customer": "acme"}: each attribute must equal '
+        "its string, number or boolean value.",
+    },
+]
 _NAME = _param("name", "path", {"type": "string", "minLength": 1})
 _RUN = _param("run_id", "query", {"type": "string"})
 
@@ -103,16 +130,42 @@ def build_openapi(version: str) -> dict[str, Any]:
                 _body(StartWorkflowRequest, True),
             ),
             "get": _op(
-                "List workflows, newest first",
+                "List workflows matching the filters, newest first, a page at a time",
                 "listWorkflows",
                 [
                     _NS,
-                    _param("status", "query", {"type": "string", "enum": list(STATUSES)}),
-                    _param("type", "query", {"type": "string"}),
+                    *_FILTERS,
                     _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                    _param("page_token", "query", {"type": "string"}),
                 ],
                 _responses(200, 400),
             ),
+        },
+        "/api/v1/namespaces/{namespace}/workflow-count": {
+            "get": _op(
+                "Count workflows matching the filters",
+                "countWorkflows",
+                [_NS, *_FILTERS],
+                _responses(200, 400),
+            )
+        },
+        wf + "/signal-with-start": {
+            "post": _op(
+                "Start a workflow unless it runs, and signal it (one transaction)",
+                "signalWithStart",
+                [_NS],
+                _responses(200, 400, 409, 413, 422),
+                _body(SignalWithStartRequest, True),
+            )
+        },
+        wf + "/update-with-start": {
+            "post": _op(
+                "Start a workflow unless it runs, update it and wait for the result",
+                "updateWithStart",
+                [_NS],
+                _responses(200, 400, 409, 413, 422, 504),
+                _body(UpdateWithStartRequest, True),
+            )
         },
         item: {
             "get": _op(
@@ -141,7 +194,7 @@ def build_openapi(version: str) -> dict[str, Any]:
         },
         item + "/history": {
             "get": _op(
-                "A page of the run's history",
+                "A page of the run's history, or a stream of it (follow)",
                 "workflowHistory",
                 [
                     _NS,
@@ -149,6 +202,12 @@ def build_openapi(version: str) -> dict[str, Any]:
                     _RUN,
                     _param("after_seq", "query", {"type": "integer", "minimum": 0}),
                     _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                    {
+                        **_param("follow", "query", {"type": "boolean"}),
+                        "description": "Stream the events (newline-delimited JSON, or "
+                        "Server-Sent Events with Accept: text/event-stream) until the run "
+                        "closes, instead of one page.",
+                    },
                 ],
                 _responses(200, 400, 404),
             )

@@ -6,22 +6,20 @@ and turns Tether's errors into 4xx/5xx JSON answers ``{"error": code, "message":
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import re
-import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import pydantic
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
-from tether._store.base import STATUSES
-from tether.client import Client, WorkflowDescription
+from tether.client import Client
 from tether.exceptions import (
     InvalidArgumentError,
     NoWorkerResponseError,
@@ -31,24 +29,27 @@ from tether.exceptions import (
     UnknownWorkflowTypeError,
     UpdateFailedError,
     WorkflowAlreadyStartedError,
-    WorkflowFailureError,
     WorkflowNotFoundError,
 )
+from tether.server import service
 from tether.server.models import (
     MAX_WAIT_SECONDS,
     QueryRequest,
     ReasonRequest,
     SignalRequest,
+    SignalWithStartRequest,
     StartWorkflowRequest,
     UpdateRequestBody,
+    UpdateWithStartRequest,
 )
 from tether.server.state import ServerState
 
 logger = logging.getLogger("tether.server")
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_LIST_LIMIT = 1000
-MAX_HISTORY_LIMIT = 1000
+NAMESPACE_RULE = (
+    "a namespace is 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 Handler = Callable[[Request, Client], Awaitable[Response]]
@@ -102,12 +103,7 @@ def _endpoint(write: bool) -> Callable[[Handler], Callable[[Request], Awaitable[
             try:
                 namespace = request.path_params["namespace"]
                 if not NAMESPACE_RE.match(namespace):
-                    raise ApiError(
-                        400,
-                        "invalid_namespace",
-                        "a namespace is 1-128 letters, digits, '.', '_' or '-', starting with "
-                        "a letter or digit",
-                    )
+                    raise ApiError(400, "invalid_namespace", NAMESPACE_RULE)
                 _authorize(request, namespace, write)
                 return await handler(request, _state(request).client(namespace))
             except ApiError as e:
@@ -129,6 +125,8 @@ def _map_error(e: Exception) -> Response:
         return error_response(
             409, "already_started", str(e), workflow_id=e.workflow_id, run_id=e.run_id
         )
+    if isinstance(e, service.ParameterError):
+        return error_response(400, "invalid_parameter", str(e))
     if isinstance(e, UnknownWorkflowTypeError):
         return error_response(400, "unknown_workflow_type", str(e))
     if isinstance(e, PayloadError):
@@ -178,50 +176,19 @@ async def _body(request: Request, model: type[Model], required: bool = True) -> 
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
     try:
-        return model.model_validate(data)
-    except pydantic.ValidationError as e:
-        details = [
-            {"field": ".".join(str(p) for p in err["loc"]), "message": err["msg"]}
-            for err in e.errors(include_url=False, include_input=False)
-        ]
-        summary = "; ".join(f"{d['field'] or 'body'}: {d['message']}" for d in details)
-        raise ApiError(422, "invalid_request", f"invalid request body: {summary}", details=details)
+        return service.validate(model, data)
+    except service.RequestError as e:
+        raise ApiError(422, "invalid_request", str(e), details=e.details)
 
 
-def _query_number(
-    request: Request, name: str, default: float, low: float, high: float, integer: bool = False
-) -> float:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise ApiError(400, "invalid_parameter", f"query parameter {name!r} must be {kind}")
-    if not (low <= value <= high):
-        raise ApiError(
-            400,
-            "invalid_parameter",
-            f"query parameter {name!r} must be between {low:g} and {high:g}",
-        )
-    return value
+def _params(request: Request) -> service.Params:
+    query = request.query_params
+    return {name: query.getlist(name) for name in query}
 
 
-def _time(value: _dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def describe_json(d: WorkflowDescription) -> dict[str, Any]:
-    data = asdict(d)
-    data["start_time"] = _time(d.start_time)
-    data["close_time"] = _time(d.close_time)
-    return data
-
-
-def _handle(request: Request, client: Client) -> Any:
-    run_id = request.query_params.get("run_id") or None
-    return client.get_workflow_handle(request.path_params["workflow_id"], run_id=run_id)
+def _path(request: Request) -> tuple[str, str | None]:
+    """The workflow id of the path and the ``run_id`` query parameter."""
+    return request.path_params["workflow_id"], request.query_params.get("run_id") or None
 
 
 # -- endpoints -----------------------------------------------------------------------
@@ -230,156 +197,123 @@ def _handle(request: Request, client: Client) -> Any:
 @_endpoint(write=True)
 async def start_workflow(request: Request, client: Client) -> Response:
     body = await _body(request, StartWorkflowRequest)
-    workflow_id = body.workflow_id or str(uuid.uuid4())
-    handle = await client.start_workflow(
-        body.workflow_type,
-        *body.args,
-        id=workflow_id,
-        task_queue=body.task_queue,
-        request_id=body.request_id,
-        id_conflict_policy=body.id_conflict_policy,
-        id_reuse_policy=body.id_reuse_policy,
-        start_signal=body.start_signal,
-        start_signal_args=body.start_signal_args,
-        memo=body.memo,
-        search_attributes=body.search_attributes,
-        run_timeout=body.run_timeout,
-        execution_timeout=body.execution_timeout,
-    )
-    return JSONResponse(
-        {"namespace": client.namespace, "workflow_id": workflow_id, "run_id": handle.run_id}, 201
-    )
+    return JSONResponse(await service.start_workflow(client, body), 201)
+
+
+@_endpoint(write=True)
+async def signal_with_start(request: Request, client: Client) -> Response:
+    """Start the workflow unless it runs, and signal it, in one transaction."""
+    body = await _body(request, SignalWithStartRequest)
+    return JSONResponse(await service.signal_with_start(client, body))
+
+
+@_endpoint(write=True)
+async def update_with_start(request: Request, client: Client) -> Response:
+    """Start the workflow unless it runs, update it and wait for the update's result."""
+    body = await _body(request, UpdateWithStartRequest)
+    return JSONResponse(await service.update_with_start(client, body))
 
 
 @_endpoint(write=False)
 async def list_workflows(request: Request, client: Client) -> Response:
-    status = request.query_params.get("status") or None
-    if status is not None and status not in STATUSES:
-        raise ApiError(400, "invalid_parameter", f"status must be one of {', '.join(STATUSES)}")
-    limit = int(_query_number(request, "limit", 100, 1, MAX_LIST_LIMIT, integer=True))
-    runs = await client.list_workflows(
-        status=status, workflow_type=request.query_params.get("type") or None, limit=limit
-    )
-    return JSONResponse({"workflows": [describe_json(r) for r in runs]})
+    return JSONResponse(await service.list_workflows(client, _params(request)))
+
+
+@_endpoint(write=False)
+async def count_workflows(request: Request, client: Client) -> Response:
+    return JSONResponse(await service.count_workflows(client, _params(request)))
 
 
 @_endpoint(write=False)
 async def describe_workflow(request: Request, client: Client) -> Response:
-    return JSONResponse(describe_json(await _handle(request, client).describe()))
+    return JSONResponse(await service.describe(client, *_path(request)))
 
 
 @_endpoint(write=False)
 async def workflow_result(request: Request, client: Client) -> Response:
     """The result, or ``status: running`` if the run is still open after ``wait`` seconds."""
-    wait = _query_number(request, "wait", 0.0, 0.0, MAX_WAIT_SECONDS)
-    handle = _handle(request, client)
-    description = await handle.describe()  # 404 before any waiting
-    if description.status in _OPEN:
-        if wait == 0:
-            return _running(description)
-        try:
-            return await _outcome(client, handle, wait)
-        except TimeoutError:
-            description = await handle.describe()
-            if description.status in _OPEN:
-                return _running(description)
-    return await _outcome(client, handle, 10.0)
-
-
-_OPEN = ("running", "continued_as_new")
-
-
-def _running(d: WorkflowDescription) -> Response:
-    return JSONResponse({"status": "running", "workflow_id": d.workflow_id, "run_id": d.run_id})
-
-
-async def _outcome(client: Client, handle: Any, timeout: float) -> Response:
-    try:
-        result = await handle.result(timeout=timeout)
-    except WorkflowFailureError as e:
-        d = await client.get_workflow_handle(handle.id, run_id=e.run_id).describe()
-        return JSONResponse(
-            {
-                "status": d.status,
-                "workflow_id": handle.id,
-                "run_id": e.run_id,
-                "failure": d.failure,
-            }
-        )
-    final = await client.get_workflow_handle(handle.id, run_id=handle.run_id).describe()
-    return JSONResponse(
-        {
-            "status": "completed",
-            "workflow_id": handle.id,
-            "run_id": final.run_id,
-            "result": result,
-        }
-    )
+    wait = service.number_param(_params(request), "wait", 0.0, 0.0, MAX_WAIT_SECONDS)
+    return JSONResponse(await service.result(client, *_path(request), wait))
 
 
 @_endpoint(write=False)
 async def workflow_history(request: Request, client: Client) -> Response:
-    after = int(_query_number(request, "after_seq", 0, 0, 2**62, integer=True))
-    limit = int(_query_number(request, "limit", 100, 1, MAX_HISTORY_LIMIT, integer=True))
-    description = await _handle(request, client).describe()
-    events = await client.store.read_history(description.run_id, after)
-    page = events[:limit]
-    more = len(events) > limit
-    return JSONResponse(
-        {
-            "workflow_id": description.workflow_id,
-            "run_id": description.run_id,
-            "events": [
-                {
-                    "seq": e.seq,
-                    "type": e.type,
-                    "time": _dt.datetime.fromtimestamp(e.time, _dt.UTC).isoformat(),
-                    "data": e.data,
-                }
-                for e in page
-            ],
-            "next_after_seq": page[-1].seq if more and page else None,
-        }
+    """A page of history; with ``follow=true`` a stream of events until the run closes:
+    newline-delimited JSON, or Server-Sent Events if the client accepts
+    ``text/event-stream``."""
+    params = _params(request)
+    if not service.bool_param(params, "follow"):
+        return JSONResponse(await service.history_page(client, *_path(request), params))
+    sse = "text/event-stream" in request.headers.get("accept", "")
+    if sse and "after_seq" not in params and request.headers.get("last-event-id"):
+        params = {**params, "after_seq": [request.headers["last-event-id"]]}  # a reconnect
+    after = int(service.number_param(params, "after_seq", 0, 0, 2**62, integer=True))
+    events = await service.follow_history(client, *_path(request), after)
+    return StreamingResponse(
+        _stream(events, sse),
+        media_type="text/event-stream" if sse else NDJSON,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+NDJSON = "application/x-ndjson"
+
+
+async def _stream(events: AsyncIterator[dict[str, Any]], sse: bool) -> AsyncIterator[bytes]:
+    """NDJSON: one event per line. SSE: each event a message with its seq as id, then an
+    ``end`` event (an ``error`` event if the stream fails)."""
+
+    def frame(data: dict[str, Any], event: str | None = None) -> bytes:
+        text = json.dumps(data, separators=(",", ":"), default=str)
+        if not sse:
+            return text.encode() + b"\n"
+        head = f"event: {event}" if event else f"id: {data['seq']}"
+        return f"{head}\ndata: {text}\n\n".encode()
+
+    try:
+        async for event in events:
+            yield frame(event)
+    except Exception as e:  # the status line is sent: report in the stream and end it
+        logger.warning("history stream ended by %s: %s", type(e).__name__, e)
+        yield frame({"error": "stream_failed", "message": str(e)}, "error")
+        return
+    if sse:
+        yield frame({}, "end")
 
 
 @_endpoint(write=True)
 async def signal_workflow(request: Request, client: Client) -> Response:
     body = await _body(request, SignalRequest, required=False)
-    await _handle(request, client).signal(request.path_params["name"], *body.args)
-    return JSONResponse({"ok": True}, 202)
+    name = request.path_params["name"]
+    return JSONResponse(await service.signal(client, *_path(request), name, body.args), 202)
 
 
 @_endpoint(write=False)
 async def query_workflow(request: Request, client: Client) -> Response:
     body = await _body(request, QueryRequest, required=False)
-    result = await _handle(request, client).query(
-        request.path_params["name"], *body.args, timeout=body.timeout
-    )
-    return JSONResponse({"result": result})
+    name = request.path_params["name"]
+    return JSONResponse(await service.query(client, *_path(request), name, body.args, body.timeout))
 
 
 @_endpoint(write=True)
 async def update_workflow(request: Request, client: Client) -> Response:
     body = await _body(request, UpdateRequestBody, required=False)
-    result = await _handle(request, client).execute_update(
-        request.path_params["name"], *body.args, id=body.update_id, timeout=body.timeout
+    name = request.path_params["name"]
+    return JSONResponse(
+        await service.update(client, *_path(request), name, body.args, body.update_id, body.timeout)
     )
-    return JSONResponse({"result": result})
 
 
 @_endpoint(write=True)
 async def cancel_workflow(request: Request, client: Client) -> Response:
     body = await _body(request, ReasonRequest, required=False)
-    await _handle(request, client).cancel(body.reason)
-    return JSONResponse({"ok": True}, 202)
+    return JSONResponse(await service.cancel(client, *_path(request), body.reason), 202)
 
 
 @_endpoint(write=True)
 async def terminate_workflow(request: Request, client: Client) -> Response:
     body = await _body(request, ReasonRequest, required=False)
-    await _handle(request, client).terminate(body.reason)
-    return JSONResponse({"ok": True})
+    return JSONResponse(await service.terminate(client, *_path(request), body.reason))
 
 
 async def healthz(request: Request) -> Response:
@@ -394,19 +328,49 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+class WorkflowRoute(Route):
+    """A route whose path parameters are matched on the raw, still percent-encoded path
+    and decoded afterwards, so a workflow id may contain '/': sent as ``%2F`` it is
+    always one path parameter; sent as is, the id is everything up to the sub-resource
+    (``.../workflows/a/b/result`` is the result of ``a/b``)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        raw = scope.get("raw_path")
+        if scope["type"] != "http" or not isinstance(raw, bytes):
+            return super().matches(scope)
+        path = raw.decode("latin-1")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        match, child = super().matches({**scope, "path": path, "root_path": ""})
+        if match is not Match.NONE:
+            child["path_params"] = {
+                name: unquote_to_bytes(value.encode("latin-1")).decode("utf-8", "replace")
+                for name, value in child["path_params"].items()
+            }
+        return match, child
+
+
 WF = "/api/v1/namespaces/{namespace}/workflows"
+ITEM = WF + "/{workflow_id:path}"
 
 ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
-    Route(WF, start_workflow, methods=["POST"]),
-    Route(WF, list_workflows, methods=["GET"]),
-    Route(WF + "/{workflow_id}", describe_workflow, methods=["GET"]),
-    Route(WF + "/{workflow_id}/result", workflow_result, methods=["GET"]),
-    Route(WF + "/{workflow_id}/history", workflow_history, methods=["GET"]),
-    Route(WF + "/{workflow_id}/signals/{name}", signal_workflow, methods=["POST"]),
-    Route(WF + "/{workflow_id}/queries/{name}", query_workflow, methods=["POST"]),
-    Route(WF + "/{workflow_id}/updates/{name}", update_workflow, methods=["POST"]),
-    Route(WF + "/{workflow_id}/cancel", cancel_workflow, methods=["POST"]),
-    Route(WF + "/{workflow_id}/terminate", terminate_workflow, methods=["POST"]),
+    WorkflowRoute(WF, start_workflow, methods=["POST"]),
+    WorkflowRoute(WF, list_workflows, methods=["GET"]),
+    WorkflowRoute(
+        "/api/v1/namespaces/{namespace}/workflow-count", count_workflows, methods=["GET"]
+    ),
+    WorkflowRoute(WF + "/signal-with-start", signal_with_start, methods=["POST"]),
+    WorkflowRoute(WF + "/update-with-start", update_with_start, methods=["POST"]),
+    # Sub-resources before the item itself: '{workflow_id:path}' would swallow them.
+    WorkflowRoute(ITEM + "/result", workflow_result, methods=["GET"]),
+    WorkflowRoute(ITEM + "/history", workflow_history, methods=["GET"]),
+    WorkflowRoute(ITEM + "/signals/{name}", signal_workflow, methods=["POST"]),
+    WorkflowRoute(ITEM + "/queries/{name}", query_workflow, methods=["POST"]),
+    WorkflowRoute(ITEM + "/updates/{name}", update_workflow, methods=["POST"]),
+    WorkflowRoute(ITEM + "/cancel", cancel_workflow, methods=["POST"]),
+    WorkflowRoute(ITEM + "/terminate", terminate_workflow, methods=["POST"]),
+    WorkflowRoute(ITEM, describe_workflow, methods=["GET"]),
 ]
