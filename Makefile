@@ -40,6 +40,7 @@ bench-quick: $(PY)
 	$(PY) -m bench --quick
 
 bench-profile: $(PY)
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.profile
 
 clean:

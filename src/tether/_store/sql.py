@@ -558,33 +558,52 @@ class SqlStore(Store):
     def _complete_workflow_task(
         self, c: WorkflowTaskCompletion, owner: str, now: float
     ) -> Op[WorkflowTaskResult]:
-        run_id = c.task.run_id
-        held = yield Stmt(ONE, "SELECT token FROM workflow_tasks WHERE run_id = ?", (run_id,))
-        if held is None or held[0] != c.task.token:
-            raise StaleTaskError(
-                f"workflow task of run {run_id} is no longer leased by this worker"
-            )
-        return (yield from self._apply_completion(c, owner, now))
-
-    def _apply_completion(
-        self, c: WorkflowTaskCompletion, owner: str, now: float
-    ) -> Op[WorkflowTaskResult]:
-        """Record a workflow task's outcome; the run must still be at ``c.task.task_version``."""
+        """Record a workflow task's outcome if its lease (token) still holds and the run is
+        still at ``c.task.task_version``: checked and advanced in one statement."""
         task = c.task
-        run_id = task.run_id
-        events = [*c.events, (WORKFLOW_TASK_COMPLETED, {"inputs_through": c.inputs_through})]
-        if not c.record:
-            events = []
+        events = self._task_events(c)
         row = yield Stmt(
             ONE,
             "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
             "next_seq = next_seq + ? WHERE run_id = ? AND task_version = ? "
-            "AND status = 'running' RETURNING next_seq - ?, inbound_seq, task_version",
-            (len(events), run_id, task.task_version, len(events)),
+            "AND status = 'running' AND EXISTS (SELECT 1 FROM workflow_tasks w "
+            "WHERE w.run_id = runs.run_id AND w.token = ?) "
+            "RETURNING next_seq - ?, inbound_seq, task_version",
+            (len(events), task.run_id, task.task_version, task.token, len(events)),
         )
         if row is None:
-            raise StaleTaskError(f"run {run_id} advanced past task version {task.task_version}")
-        next_seq, inbound_seq, task_version = row
+            raise StaleTaskError(
+                f"workflow task of run {task.run_id} is no longer leased by this worker "
+                f"(or the run advanced past task version {task.task_version})"
+            )
+        next_seq, inbound_seq, version = row
+        return (
+            yield from self._record_task(
+                c, owner, now, events, next_seq, inbound_seq, version, True
+            )
+        )
+
+    @staticmethod
+    def _task_events(c: WorkflowTaskCompletion) -> list[tuple[str, dict[str, Any]]]:
+        if not c.record:
+            return []
+        return [*c.events, (WORKFLOW_TASK_COMPLETED, {"inputs_through": c.inputs_through})]
+
+    def _record_task(
+        self,
+        c: WorkflowTaskCompletion,
+        owner: str,
+        now: float,
+        events: list[tuple[str, dict[str, Any]]],
+        next_seq: int,
+        inbound_seq: int,
+        task_version: int,
+        task_queued: bool,
+    ) -> Op[WorkflowTaskResult]:
+        """The rest of a completion once the run has advanced: ``events`` get the seqs
+        from ``next_seq``; ``task_queued``: the run has a workflow task row."""
+        task = c.task
+        run_id = task.run_id
         if events:
             yield touch(Change.HISTORY)
             yield Stmt(
@@ -728,7 +747,7 @@ class SqlStore(Store):
                     "attempt = 0 WHERE run_id = ?",
                     (now, run_id),
                 )
-            else:
+            elif task_queued:
                 yield Stmt(EXEC, "DELETE FROM workflow_tasks WHERE run_id = ?", (run_id,))
         if c.search_attributes:
             current = yield Stmt(
@@ -916,15 +935,34 @@ class SqlStore(Store):
         def op() -> Op[WorkflowTaskResult | None]:
             if not (yield from self._end_activity(task)):
                 return None  # the workflow no longer waits for this result
-            # A queued workflow task means inputs the cached instance has not seen (they
-            # may sit below expected_seq, having arrived while its last task ran).
-            queued = yield Stmt(
-                ONE, "SELECT 1 FROM workflow_tasks WHERE run_id = ?", (task.run_id,)
+            events = [(ACTIVITY_COMPLETED, data), *self._task_events(completion)]
+            # Only if the cached instance has seen every input: no other event took
+            # expected_seq, and no workflow task is queued (for inputs that came while
+            # the run's last task ran, below expected_seq) or running elsewhere.
+            row = yield Stmt(
+                ONE,
+                "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
+                "next_seq = next_seq + ?, inbound_seq = next_seq WHERE run_id = ? "
+                "AND task_version = ? AND next_seq = ? AND status = 'running' "
+                "AND NOT EXISTS (SELECT 1 FROM workflow_tasks w WHERE w.run_id = runs.run_id) "
+                "RETURNING next_seq - ?, inbound_seq, task_version",
+                (
+                    len(events),
+                    task.run_id,
+                    completion.task.task_version,
+                    expected_seq,
+                    len(events),
+                ),
             )
-            seq = yield from self._append_inbound(task.run_id, ACTIVITY_COMPLETED, data, now)
-            if queued is not None or seq != expected_seq:
-                return None  # other inputs came first: the queued workflow task takes it
-            return (yield from self._apply_completion(completion, owner, now))
+            if row is None:  # the queued workflow task takes the result
+                yield from self._append_inbound(task.run_id, ACTIVITY_COMPLETED, data, now)
+                return None
+            next_seq, inbound_seq, version = row
+            return (
+                yield from self._record_task(
+                    completion, owner, now, events, next_seq, inbound_seq, version, False
+                )
+            )
 
         return await self._execute(op, writes=True)
 
