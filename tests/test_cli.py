@@ -313,8 +313,10 @@ def _session(cli: Cli, p: str) -> list[tuple[int, str, str]]:
     first = json.loads(follower.stdout.readline())
     assert first["type"] == "WorkflowStarted" and first["data"]["workflow_id"] == f"{p}/greet"
     run("signal", f"{p}/greet", "finish")
-    rest, err = follower.communicate(timeout=20)
-    assert follower.returncode == 0, err
+    # Through the same buffered reader as the first line (communicate() would skip
+    # what readline() buffered already); EOF comes when the follower exits.
+    rest = follower.stdout.read()
+    assert follower.wait(20) == 0, follower.communicate()[1]
     events = [first] + [json.loads(line) for line in rest.splitlines()]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert "WorkflowCompleted" in [e["type"] for e in events[-2:]]

@@ -12,7 +12,8 @@ import pytest
 from backends import database_url
 from tether import Client, InvalidArgumentError, StoreError
 from tether._store.base import NewRun
-from tether._store.postgres import PostgresStore, redact, translate
+from tether._store.pg_statements import translate
+from tether._store.postgres import PostgresStore, redact
 
 NOW = 1_000_000.0
 

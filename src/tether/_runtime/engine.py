@@ -156,7 +156,7 @@ class Engine:
         """When the timer loop expects the next timer or delayed task."""
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._kick: asyncio.Future[None] | None = None
+        self._kicks: dict[Change, asyncio.Future[None]] = {}  # by the loop's kind of work
         self.stats = collections.Counter[str]()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -207,19 +207,23 @@ class Engine:
         return not self._stopping
 
     # -- waiting ----------------------------------------------------------------------
-    def _wake(self) -> None:
-        if self._kick is not None and not self._kick.done():
-            self._kick.set_result(None)
-        self._kick = None
+    def _wake(self, kinds: Change = Change.ALL) -> None:
+        """Make the loops for ``kinds`` of work look again now (not only on store changes)."""
+        for kind in [k for k in self._kicks if k & kinds]:
+            kick = self._kicks.pop(kind)
+            if not kick.done():
+                kick.set_result(None)
 
-    async def _wait(self, store_waiter: asyncio.Future[None], deadline: float) -> None:
-        if self._kick is None or self._kick.done():
-            self._kick = asyncio.get_running_loop().create_future()
+    def _kick_for(self, kind: Change) -> asyncio.Future[None]:
+        kick = self._kicks.get(kind)
+        if kick is None or kick.done():
+            kick = self._kicks[kind] = asyncio.get_running_loop().create_future()
+        return kick
+
+    async def _wait(self, waiters: list[asyncio.Future[None]], deadline: float) -> None:
         sleeper = asyncio.ensure_future(self.clock.wait_until(deadline))
         try:
-            await asyncio.wait(
-                [store_waiter, self._kick, sleeper], return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait([*waiters, sleeper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
 
@@ -237,7 +241,12 @@ class Engine:
         """
         backoff = 0.05
         while not self._stopping:
-            waiter = self.store.change_waiter(wakes_on) if wakes_on is not None else None
+            # Made before the step, so that what happens during it is not missed.
+            waiters = (
+                [self.store.change_waiter(wakes_on), self._kick_for(wakes_on)]
+                if wakes_on is not None
+                else []
+            )
             began = self.clock.now()
             try:
                 delay = await step()
@@ -251,10 +260,7 @@ class Engine:
                 backoff = min(backoff * 2, 5.0)
             if delay is None:
                 continue
-            if waiter is not None:
-                await self._wait(waiter, began + delay)
-            else:
-                await self.clock.wait_until(began + delay)
+            await self._wait(waiters, began + delay)
 
     async def _register(self, now: float) -> None:
         handlers = {name: d.handler_names() for name, d in self.workflows.items()}
@@ -325,7 +331,7 @@ class Engine:
     def _workflow_task_done(self, t: asyncio.Task[None]) -> None:
         self._workflow_tasks.pop(t, None)
         if not self._stopping:
-            self._wake()  # a slot is free: the claim loop may have been waiting for one
+            self._wake(Change.WORKFLOW_TASK)  # a slot is free: the claim loop may want it
 
     async def _run_workflow_task(
         self, task: WorkflowTask, prefetched: tuple[int, list[Event]] | None = None
@@ -382,7 +388,7 @@ class Engine:
         for activity in result.eager_activities:
             self._start_activity(activity)
         if result.more_work:
-            self._wake()
+            self._wake(Change.WORKFLOW_TASK)
 
     def _new_instance(
         self, task: WorkflowTask | QueryTask, start_time: float, started: dict[str, Any]
@@ -558,7 +564,7 @@ class Engine:
                 )
             ):
                 return events
-            await self._wait(change, self.clock.now() + 0.05)
+            await self._wait([change], self.clock.now() + 0.05)
 
     async def _answer_query(self, query: QueryTask) -> None:
         """Answer from the cached instance, or from one rebuilt by replay (closed runs too)."""
@@ -620,7 +626,7 @@ class Engine:
     def _activity_done(self, t: asyncio.Task[None]) -> None:
         self._activity_tasks.pop(t, None)
         if not self._stopping:
-            self._wake()
+            self._wake(Change.ACTIVITY_TASK)  # a slot is free
 
     async def _run_activity(self, task: ActivityTask) -> None:
         opts = task.options
@@ -903,7 +909,8 @@ class Engine:
             if fired == 500:
                 return None
             if self._next_due is not None and self._next_due <= now:
-                self._wake()  # a delayed task (a retry) may be ready: let the claim loops look
+                # A delayed task (a retry) may be ready: let the claim loops look.
+                self._wake(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
             # Tasks ready already are the claim loops' business, not a reason to wake here.
             due = self._next_due = await self.store.next_due_time(after=now)
             if due is None:

@@ -21,7 +21,8 @@ class Change(enum.IntFlag):
     ACTIVITY_TASK = 2
     """An activity task may have become ready for any worker."""
     TIMER = 4
-    """A durable timer was set: the next due time may be earlier."""
+    """A durable timer was set, or a task delayed (a retry): the next due time may be
+    earlier."""
     QUERY = 8
     """A query was asked or answered."""
     RUN_CLOSED = 16

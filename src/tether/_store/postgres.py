@@ -47,7 +47,8 @@ import asyncpg
 
 from tether._store import migrations
 from tether._store.changes import Change, ChangeWaiters
-from tether._store.sql import ALL, EXEC, ONE, TOUCH, Dialect, Op, SqlStore
+from tether._store.pg_statements import DeferredWrites, translate
+from tether._store.sql import ALL, MANY, ONE, TOUCH, WRITE, Dialect, Op, SqlStore
 from tether.exceptions import StoreError
 
 logger = logging.getLogger("tether.store")
@@ -118,29 +119,6 @@ def redact(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or 'localhost'}{port}{parts.path}"
 
 
-_translations: dict[str, str] = {}
-
-
-def translate(sql: str) -> str:
-    """``?`` placeholders to ``$1..$n`` (quoted literals left alone); cached."""
-    done = _translations.get(sql)
-    if done is not None:
-        return done
-    out: list[str] = []
-    n = 0
-    quoted = False
-    for ch in sql:
-        if ch == "'":
-            quoted = not quoted
-        if ch == "?" and not quoted:
-            n += 1
-            out.append(f"${n}")
-        else:
-            out.append(ch)
-    done = _translations[sql] = "".join(out)
-    return done
-
-
 def _rowcount(status: str) -> int:
     tail = status.rpartition(" ")[2]
     return int(tail) if tail.isdigit() else 0
@@ -157,37 +135,58 @@ class _Effects:
 
 
 async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _Effects) -> Any:
-    """Run an operation's statements on ``conn``, noting its effects in ``done``."""
+    """Run an operation's statements on ``conn``, noting its effects in ``done``.
+
+    Writes whose outcome the operation does not read wait in a ``DeferredWrites`` group
+    and go together, before the next other statement or the operation's return."""
     op = make()
+    pending = DeferredWrites()
     try:
         stmt = next(op)
         while True:
             kind = stmt.kind
+            result: Any = None
             if kind == TOUCH:
                 done.changes |= stmt.params
-                stmt = op.send(None)
-                continue
-            sql = translate(stmt.sql)
-            if kind == ONE:
-                result: Any = await conn.fetchrow(sql, *stmt.params)
-                if result is not None and stmt.sql.startswith(_WRITE_PREFIXES):
-                    done.wrote = True
-            elif kind == ALL:
-                result = await conn.fetch(sql, *stmt.params)
-            elif kind == EXEC:
-                result = _rowcount(await conn.execute(sql, *stmt.params))
-                if result:
-                    done.wrote = True
+            elif kind in (WRITE, MANY):
+                if kind == MANY and not stmt.params:
+                    pass  # nothing to write
+                elif pending.accepts(stmt):
+                    pending.add(stmt)
+                else:
+                    await _flush(pending, conn, done)
+                    if pending.accepts(stmt):
+                        pending.add(stmt)
+                    else:
+                        await conn.executemany(translate(stmt.sql), stmt.params)
+                        done.wrote = True
             else:
-                if stmt.params:
-                    await conn.executemany(sql, stmt.params)
-                    done.wrote = True
-                result = None
+                if pending:
+                    await _flush(pending, conn, done)
+                sql = translate(stmt.sql)
+                if kind == ONE:
+                    result = await conn.fetchrow(sql, *stmt.params)
+                    if result is not None and stmt.sql.startswith(_WRITE_PREFIXES):
+                        done.wrote = True
+                elif kind == ALL:
+                    result = await conn.fetch(sql, *stmt.params)
+                else:
+                    result = _rowcount(await conn.execute(sql, *stmt.params))
+                    if result:
+                        done.wrote = True
             stmt = op.send(result)
-    except StopIteration as done:
-        return done.value
+    except StopIteration as finished:
+        if pending:
+            await _flush(pending, conn, done)
+        return finished.value
     finally:
         op.close()
+
+
+async def _flush(pending: DeferredWrites, conn: asyncpg.Connection, done: _Effects) -> None:
+    sql, args = pending.take()
+    done.wrote = True  # (a failure after this rolls the whole transaction back)
+    await conn.execute(sql, *args)
 
 
 class _Attempts:

@@ -53,13 +53,17 @@ from tether.exceptions import StaleTaskError, WorkflowAlreadyStartedError, Workf
 
 T = TypeVar("T")
 
-ONE, ALL, EXEC, MANY, TOUCH = "one", "all", "exec", "many", "touch"
+ONE, ALL, EXEC, WRITE, MANY, TOUCH = "one", "all", "exec", "write", "many", "touch"
 
 
 @dataclass(frozen=True, slots=True)
 class Stmt:
     """One statement. ``kind``: ONE -> a row or None, ALL -> rows, EXEC -> rowcount,
-    MANY -> nothing (``params`` is a list of parameter tuples). TOUCH is no statement:
+    WRITE and MANY -> nothing (MANY: ``params`` is a list of parameter tuples). The
+    operation does not read the outcome of a WRITE or MANY (an INSERT, UPDATE or DELETE),
+    so a backend may hold it back and send it with the next ones in one round trip, as
+    long as it runs before any other statement and before the operation's value is
+    returned (so its errors are the operation's). TOUCH is no statement:
     it tells the driver which kinds of work (``params``, a ``Change``) the commit makes
     available, so that it wakes the right waiters."""
 
@@ -199,20 +203,18 @@ class SqlStore(Store):
     def _start_run(self, run: NewRun) -> Op[StartOutcome]:
         # A repeated request (a client retrying after a lost reply) gets the run it
         # created, even if that run has closed since: never start the work twice.
-        same_request = yield Stmt(
-            ONE,
-            "SELECT run_id FROM runs WHERE namespace = ? AND workflow_id = ? "
-            "AND request_id = ? ORDER BY created_at DESC LIMIT 1",
-            (run.namespace, run.workflow_id, run.request_id),
+        # (One statement: this request's runs, newest first, and the running run.)
+        rows = yield Stmt(
+            ALL,
+            "SELECT run_id, request_id = ?, status FROM runs WHERE namespace = ? "
+            "AND workflow_id = ? AND (request_id = ? OR status = 'running') "
+            f"ORDER BY created_at DESC {self.dialect.for_update()}",
+            (run.request_id, run.namespace, run.workflow_id, run.request_id),
         )
-        if same_request is not None:
-            return StartOutcome(run_id=same_request[0], created=False)
-        running = yield Stmt(
-            ONE,
-            "SELECT run_id FROM runs WHERE namespace = ? AND workflow_id = ? "
-            f"AND status = 'running' {self.dialect.for_update()}",
-            (run.namespace, run.workflow_id),
-        )
+        for run_id, same_request, _ in rows:
+            if same_request:
+                return StartOutcome(run_id=run_id, created=False)
+        running = next((row for row in rows if row[2] == "running"), None)
         if running is not None:
             if run.conflict_policy == "use_existing":
                 yield from self._deliver_with_start(running[0], run)
@@ -249,7 +251,7 @@ class SqlStore(Store):
 
     def _insert_run(self, run: NewRun) -> Op[None]:
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO runs (run_id, namespace, workflow_id, workflow_type, task_queue, "
             "status, request_id, created_at, next_seq, inbound_seq, memo, search_attributes, "
             "execution_deadline, run_timeout, parent_run_id, parent_seq, parent_close_policy) "
@@ -278,7 +280,7 @@ class SqlStore(Store):
         if deadlines:
             # Timer seq 0 is the run's own deadline: firing it closes the run as timed out.
             yield Stmt(
-                EXEC,
+                WRITE,
                 "INSERT INTO timers (run_id, seq, fire_at) VALUES (?, 0, ?)",
                 (run.run_id, min(deadlines)),
             )
@@ -294,12 +296,12 @@ class SqlStore(Store):
             "parent_run_id": run.parent_run_id,
         }
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, 1, ?, ?, ?)",
             (run.run_id, WORKFLOW_STARTED, run.now, dumps(data)),
         )
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?)",
             (run.run_id, run.task_queue, run.now),
         )
@@ -475,12 +477,12 @@ class SqlStore(Store):
         seq, task_queue = row
         yield touch(Change.WORKFLOW_TASK)
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
             (run_id, seq, event_type, now, dumps(data)),
         )
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?) "
             "ON CONFLICT (run_id) DO NOTHING",
             (run_id, task_queue, now),
@@ -506,45 +508,56 @@ class SqlStore(Store):
             f"attempt {task.attempt}, is no longer leased by this worker"
         )
 
+    def _lease_ready(self, table: str, key: str, condition: str, params: tuple[Any, ...]) -> Stmt:
+        """Lease up to ``limit`` ready rows of a task table, oldest first: params (owner,
+        token, lease_until, task_queue, now, limit). One token for the whole claim: a
+        lease is (row, token), and no other lease of these rows can have it; the caller
+        reads the leased rows back by (task_queue, visible_at = lease_until, token)."""
+        return Stmt(
+            EXEC,
+            f"UPDATE {table} SET owner = ?, token = ?, visible_at = ?, attempt = attempt + 1 "
+            f"WHERE ({key}) IN (SELECT {key} FROM {table} x WHERE task_queue = ? "
+            f"AND visible_at <= ? {condition}ORDER BY visible_at LIMIT ? "
+            f"{self.dialect.skip_locked('x')})",
+            params,
+        )
+
     # -- workflow tasks ---------------------------------------------------------------
     async def claim_workflow_tasks(
         self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
     ) -> list[WorkflowTask]:
         def op() -> Op[list[WorkflowTask]]:
+            token = self._token()
+            claimed = yield self._lease_ready(
+                "workflow_tasks", "run_id", "", (owner, token, lease_until, task_queue, now, limit)
+            )
+            if not claimed:
+                return []
             rows = yield Stmt(
                 ALL,
                 "SELECT t.run_id, r.workflow_id, r.workflow_type, r.namespace, t.attempt, "
                 "r.task_version, r.next_seq, EXISTS (SELECT 1 FROM updates u "
                 "WHERE u.run_id = t.run_id AND u.state = 'requested') "
-                "FROM workflow_tasks t JOIN runs r "
-                "ON r.run_id = t.run_id WHERE t.task_queue = ? AND t.visible_at <= ? "
-                f"ORDER BY t.visible_at LIMIT ? {self.dialect.skip_locked('t')}",
-                (task_queue, now, limit),
+                "FROM workflow_tasks t JOIN runs r ON r.run_id = t.run_id "
+                "WHERE t.task_queue = ? AND t.visible_at = ? AND t.token = ? "
+                "ORDER BY r.created_at",
+                (task_queue, lease_until, token),
             )
-            tasks = []
-            for run_id, wf_id, wf_type, ns, attempt, version, next_seq, updates in rows:
-                token = self._token()
-                yield Stmt(
-                    EXEC,
-                    "UPDATE workflow_tasks SET owner = ?, token = ?, visible_at = ?, "
-                    "attempt = attempt + 1 WHERE run_id = ?",
-                    (owner, token, lease_until, run_id),
+            return [
+                WorkflowTask(
+                    run_id=run_id,
+                    workflow_id=wf_id,
+                    workflow_type=wf_type,
+                    task_queue=task_queue,
+                    namespace=ns,
+                    token=token,
+                    attempt=attempt,
+                    task_version=version,
+                    history_length=next_seq - 1,
+                    has_updates=bool(updates),
                 )
-                tasks.append(
-                    WorkflowTask(
-                        run_id=run_id,
-                        workflow_id=wf_id,
-                        workflow_type=wf_type,
-                        task_queue=task_queue,
-                        namespace=ns,
-                        token=token,
-                        attempt=attempt + 1,
-                        task_version=version,
-                        history_length=next_seq - 1,
-                        has_updates=bool(updates),
-                    )
-                )
-            return tasks
+                for run_id, wf_id, wf_type, ns, attempt, version, next_seq, updates in rows
+            ]
 
         return await self._execute(op, writes=True)
 
@@ -676,12 +689,12 @@ class SqlStore(Store):
         for seq in c.cancel_activities:
             # Not started: drop it. Running: flag it; the next heartbeat delivers the cancel.
             yield Stmt(
-                EXEC,
+                WRITE,
                 "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND owner IS NULL",
                 (run_id, seq),
             )
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE activity_tasks SET cancel_requested = 1 WHERE run_id = ? AND seq = ?",
                 (run_id, seq),
             )
@@ -707,7 +720,7 @@ class SqlStore(Store):
             yield touch(Change.RUN_CLOSED | Change.UPDATE)
             new_run = c.continue_as_new
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE runs SET status = ?, result = ?, failure = ?, closed_at = ?, "
                 "next_run_id = ? WHERE run_id = ?",
                 (
@@ -742,20 +755,20 @@ class SqlStore(Store):
             if more_work:
                 yield touch(Change.WORKFLOW_TASK)
                 yield Stmt(
-                    EXEC,
+                    WRITE,
                     "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ?, "
                     "attempt = 0 WHERE run_id = ?",
                     (now, run_id),
                 )
             elif task_queued:
-                yield Stmt(EXEC, "DELETE FROM workflow_tasks WHERE run_id = ?", (run_id,))
+                yield Stmt(WRITE, "DELETE FROM workflow_tasks WHERE run_id = ?", (run_id,))
         if c.search_attributes:
             current = yield Stmt(
                 ONE, "SELECT search_attributes FROM runs WHERE run_id = ?", (run_id,)
             )
             merged = {**(loads(current[0]) or {}), **c.search_attributes}
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE runs SET search_attributes = ? WHERE run_id = ?",
                 (dumps(merged), run_id),
             )
@@ -819,7 +832,7 @@ class SqlStore(Store):
         for data, time in signals:
             yield from self._append_inbound(run.run_id, SIGNAL_RECEIVED, json.loads(data), time)
         yield Stmt(
-            EXEC,
+            WRITE,
             "UPDATE updates SET run_id = ? WHERE run_id = ? AND state = 'requested'",
             (run.run_id, old_run_id),
         )
@@ -835,9 +848,9 @@ class SqlStore(Store):
                 (retry_at, task.run_id, task.token),
             )
             if updated:
-                yield touch(Change.WORKFLOW_TASK)
+                yield touch(Change.WORKFLOW_TASK | Change.TIMER)  # ready at retry_at
                 yield Stmt(
-                    EXEC,
+                    WRITE,
                     "UPDATE runs SET task_failure = ? WHERE run_id = ?",
                     (dumps(failure), task.run_id),
                 )
@@ -849,31 +862,23 @@ class SqlStore(Store):
         self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
     ) -> list[ActivityTask]:
         def op() -> Op[list[ActivityTask]]:
-            keys = yield Stmt(
-                ALL,
-                "SELECT a.run_id, a.seq FROM activity_tasks a WHERE a.task_queue = ? "
-                "AND a.visible_at <= ? AND a.owner IS NULL ORDER BY a.visible_at LIMIT ? "
-                f"{self.dialect.skip_locked('a')}",
-                (task_queue, now, limit),
+            token = self._token()
+            claimed = yield self._lease_ready(
+                "activity_tasks",
+                "run_id, seq",
+                "AND owner IS NULL ",  # expired leases: expired_activity_tasks
+                (owner, token, lease_until, task_queue, now, limit),
             )
-            tasks = []
-            for run_id, seq in keys:
-                row = yield Stmt(
-                    ONE,
-                    "UPDATE activity_tasks SET owner = ?, token = ?, visible_at = ?, "
-                    "attempt = attempt + 1 WHERE run_id = ? AND seq = ? RETURNING run_id",
-                    (owner, self._token(), lease_until, run_id, seq),
-                )
-                if row is None:
-                    continue
-                full = yield Stmt(
-                    ONE,
-                    f"SELECT {_ACTIVITY_COLUMNS} FROM activity_tasks a JOIN runs r "
-                    "ON r.run_id = a.run_id WHERE a.run_id = ? AND a.seq = ?",
-                    (run_id, seq),
-                )
-                tasks.append(_activity(full))
-            return tasks
+            if not claimed:
+                return []
+            rows = yield Stmt(
+                ALL,
+                f"SELECT {_ACTIVITY_COLUMNS} FROM activity_tasks a JOIN runs r "
+                "ON r.run_id = a.run_id WHERE a.task_queue = ? AND a.visible_at = ? "
+                "AND a.token = ? ORDER BY a.scheduled_at",
+                (task_queue, lease_until, token),
+            )
+            return [_activity(row) for row in rows]
 
         return await self._execute(op, writes=True)
 
@@ -883,7 +888,7 @@ class SqlStore(Store):
         def op() -> Op[bool]:
             cancel_requested = yield from self._check_lease(task)
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE activity_tasks SET heartbeat_details = ?, visible_at = ? "
                 "WHERE run_id = ? AND seq = ?",
                 (dumps(details), lease_until, task.run_id, task.seq),
@@ -1014,9 +1019,9 @@ class SqlStore(Store):
     ) -> None:
         def op() -> Op[None]:
             yield from self._check_lease(task)
-            yield touch(Change.ACTIVITY_TASK)
+            yield touch(Change.ACTIVITY_TASK | Change.TIMER)  # ready at retry_at
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE activity_tasks SET owner = NULL, token = NULL, visible_at = ?, "
                 "last_failure = ?, heartbeat_details = ? WHERE run_id = ? AND seq = ?",
                 (retry_at, dumps(failure), dumps(heartbeat_details), task.run_id, task.seq),
@@ -1047,7 +1052,7 @@ class SqlStore(Store):
                 (now, limit),
             )
             for run_id, seq in due:
-                yield Stmt(EXEC, "DELETE FROM timers WHERE run_id = ? AND seq = ?", (run_id, seq))
+                yield Stmt(WRITE, "DELETE FROM timers WHERE run_id = ? AND seq = ?", (run_id, seq))
                 if seq == 0:
                     yield from self._time_out(run_id, now)
                 else:
@@ -1113,14 +1118,14 @@ class SqlStore(Store):
         def op() -> Op[None]:
             yield touch(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
                 "WHERE owner = ? AND token IS NOT NULL",
                 (now, owner),
             )
             # Activities may have run partly: expire the lease so the attempt is counted.
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE activity_tasks SET visible_at = ? WHERE owner = ? AND token IS NOT NULL",
                 (now, owner),
             )
@@ -1137,7 +1142,7 @@ class SqlStore(Store):
     ) -> None:
         def op() -> Op[None]:
             yield Stmt(
-                EXEC,
+                WRITE,
                 "INSERT INTO workers (task_queue, identity, workflow_types, activity_types, "
                 "last_seen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_queue, identity) DO UPDATE "
                 "SET workflow_types = excluded.workflow_types, "
@@ -1294,7 +1299,7 @@ class SqlStore(Store):
         if row is None:
             return
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
             (run_id, row[0], event_type, now, dumps(data)),
         )
@@ -1312,7 +1317,11 @@ class SqlStore(Store):
         """Tell the parent (if any) and apply this run's parent-close policy to its children."""
         yield touch(Change.RUN_CLOSED | Change.UPDATE)
         parent = yield Stmt(
-            ONE, "SELECT parent_run_id, parent_seq FROM runs WHERE run_id = ?", (run_id,)
+            ONE,
+            "SELECT parent_run_id, parent_seq, EXISTS (SELECT 1 FROM runs c "
+            "WHERE c.parent_run_id = runs.run_id AND c.status = 'running') "
+            "FROM runs WHERE run_id = ?",
+            (run_id,),
         )
         if parent is not None and parent[0] is not None:
             if status == COMPLETED:
@@ -1323,6 +1332,8 @@ class SqlStore(Store):
                     {"seq": parent[1], "status": status, "failure": failure},
                 )
             yield from self._append_inbound(parent[0], event[0], event[1], now)
+        if parent is None or not parent[2]:
+            return  # no running children
         children = yield Stmt(
             ALL,
             "SELECT run_id, parent_close_policy FROM runs WHERE parent_run_id = ? "
@@ -1341,10 +1352,10 @@ class SqlStore(Store):
     def _drop_run_work(run_id: str, why: str) -> Op[None]:
         """A closed run has no pending work; its open updates are answered with ``why``."""
         for table in ("workflow_tasks", "activity_tasks", "timers"):
-            yield Stmt(EXEC, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            yield Stmt(WRITE, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
         failure = {"kind": "application", "type": "WorkflowClosed", "message": why}
         yield Stmt(
-            EXEC,
+            WRITE,
             "UPDATE updates SET state = 'rejected', failure = ? WHERE run_id = ? "
             "AND state IN ('requested', 'accepted')",
             (dumps(failure), run_id),
@@ -1389,7 +1400,7 @@ class SqlStore(Store):
     def _request_update(self, run_id: str, request: UpdateRequest, now: float) -> Op[UpdateState]:
         yield touch(Change.WORKFLOW_TASK)
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO updates (run_id, update_id, name, args, state, created_at) "
             "VALUES (?, ?, ?, ?, 'requested', ?) ON CONFLICT (run_id, update_id) DO UPDATE "
             "SET name = excluded.name, args = excluded.args, state = 'requested', "
@@ -1403,7 +1414,7 @@ class SqlStore(Store):
             (run_id,),
         )
         yield Stmt(
-            EXEC,
+            WRITE,
             "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?) "
             "ON CONFLICT (run_id) DO NOTHING",
             (run_id, task_queue[0], now),
@@ -1450,7 +1461,7 @@ class SqlStore(Store):
             target, _, task_queue = yield from self._find_run(namespace, workflow_id, run_id, False)
             yield touch(Change.QUERY)
             yield Stmt(
-                EXEC,
+                WRITE,
                 "INSERT INTO queries (query_id, run_id, task_queue, name, args, created_at, "
                 "visible_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (query_id, target, task_queue, name, dumps(args), now, now),
@@ -1474,7 +1485,7 @@ class SqlStore(Store):
             for query_id, run_id, wf_id, wf_type, ns, name, args in rows:
                 token = self._token()
                 yield Stmt(
-                    EXEC,
+                    WRITE,
                     "UPDATE queries SET owner = ?, token = ?, visible_at = ? WHERE query_id = ?",
                     (owner, token, lease_until, query_id),
                 )
@@ -1491,7 +1502,7 @@ class SqlStore(Store):
         def op() -> Op[None]:
             yield touch(Change.QUERY)
             yield Stmt(
-                EXEC,
+                WRITE,
                 "UPDATE queries SET answered = 1, result = ?, failure = ? "
                 "WHERE query_id = ? AND token = ?",
                 (dumps(result), dumps(failure) if failure else None, query.query_id, query.token),
@@ -1508,13 +1519,13 @@ class SqlStore(Store):
             )
             if row is None or not row[0]:
                 return False, None, None
-            yield Stmt(EXEC, "DELETE FROM queries WHERE query_id = ?", (query_id,))
+            yield Stmt(WRITE, "DELETE FROM queries WHERE query_id = ?", (query_id,))
             return True, loads(row[1]), loads(row[2])
 
         return await self._execute(op, writes=True)
 
     async def drop_query(self, query_id: str) -> None:
         def op() -> Op[None]:
-            yield Stmt(EXEC, "DELETE FROM queries WHERE query_id = ?", (query_id,))
+            yield Stmt(WRITE, "DELETE FROM queries WHERE query_id = ?", (query_id,))
 
         await self._execute(op, writes=True)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from tether._store import migrations
 from tether._store.changes import Change, ChangeWaiters
-from tether._store.sql import ALL, EXEC, ONE, TOUCH, Dialect, Op, SqlStore
+from tether._store.sql import ALL, EXEC, ONE, TOUCH, WRITE, Dialect, Op, SqlStore
 from tether._store.sqlite_wakeup import CommitWakeup
 from tether.exceptions import (
     StoreError,
@@ -71,6 +71,9 @@ def _drive(request: _Op, conn: sqlite3.Connection) -> Any:
                 result = conn.execute(stmt.sql, stmt.params).fetchall()
             elif stmt.kind == EXEC:
                 result = conn.execute(stmt.sql, stmt.params).rowcount
+            elif stmt.kind == WRITE:  # in process: nothing to gain from holding it back
+                conn.execute(stmt.sql, stmt.params)
+                result = None
             elif stmt.kind == TOUCH:
                 request.changes |= stmt.params
                 result = None
