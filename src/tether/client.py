@@ -763,6 +763,10 @@ class WorkflowHandle:
         )
 
 
+_WATCH_FREE_SECONDS = 0.002
+"""A look for closed runs that took longer makes the next one wait (see _poll)."""
+
+
 class _ClosedRunWatcher:
     """Waits for many runs to close with one store query per change, not one per waiter."""
 
@@ -789,15 +793,21 @@ class _ClosedRunWatcher:
     async def _poll(self) -> None:
         while self._waiting:
             change = self._store.change_waiter(Change.RUN_CLOSED)
+            began = time.monotonic()
             try:
                 closed = await self._store.closed_runs(list(self._waiting))
             except StoreError:
                 closed = []
+            spent = time.monotonic() - began
             for run in closed:
                 for fut in self._waiting.pop(run.run_id, []):
                     if not fut.done():
                         fut.set_result(run)
             if self._waiting:
+                if spent > _WATCH_FREE_SECONDS:
+                    # Many waiters make each look costly (it reads all of them): look at
+                    # most a fifth of the time, or they would starve the store's reader.
+                    await asyncio.sleep(min(4 * spent, 1.0))
                 try:
                     await asyncio.wait_for(change, 1.0)
                 except TimeoutError:
