@@ -10,6 +10,7 @@ import pytest
 from tether._store.base import (
     ACTIVITY_COMPLETED,
     ACTIVITY_SCHEDULED,
+    CLAIM_HISTORY_EVENTS,
     TIMER_FIRED,
     TIMER_STARTED,
     WORKFLOW_COMPLETED,
@@ -367,3 +368,16 @@ async def test_activity_result_is_not_continued_past_unseen_inputs(store: Store)
     history = await store.read_history("run-1", after_seq=task.history_length)
     assert history[0].type == "SignalReceived"
     assert history[-1].type == ACTIVITY_COMPLETED and queued.history_length == history[-1].seq
+
+
+async def test_claim_brings_short_histories_along(store: Store) -> None:
+    await store.start_run(new_run())
+    await store.start_run(new_run("long", "run-long", "req-long"))
+    for i in range(CLAIM_HISTORY_EVENTS):  # past the limit: read it separately
+        await store.signal_run("default", "long", None, "poke", [i], NOW)
+    tasks = await store.claim_workflow_tasks("q", "w1", 10, NOW + LEASE, NOW)
+    by_run = {t.run_id: t for t in tasks}
+    short, long = by_run["run-1"], by_run["run-long"]
+    assert short.history == await store.read_history("run-1")
+    assert [e.type for e in short.history or []] == ["WorkflowStarted"]
+    assert long.history is None and long.history_length == CLAIM_HISTORY_EVENTS + 1

@@ -340,12 +340,14 @@ class Engine:
         inst = self._take_instance(task)
         try:
             if inst is None:
-                events = await self.store.read_history(task.run_id)
+                events = task.history or await self.store.read_history(task.run_id)
                 inst = self._new_instance(task, events[0].time, events[0].data)
                 self.stats["replays"] += 1
             elif prefetched is not None and prefetched[0] == inst.last_seq:
                 events = prefetched[1]
                 self.stats["eager_workflow_tasks"] += 1
+            elif task.history is not None:  # the whole history, read with the claim
+                events = [e for e in task.history if e.seq > inst.last_seq]
             else:
                 events = await self.store.read_history(task.run_id, inst.last_seq)
             updates = await self.store.pending_updates(task.run_id) if task.has_updates else []

@@ -228,6 +228,13 @@ class WorkflowTask:
     history_length: int
     has_updates: bool = False
     """Update requests wait for this run: read them with ``pending_updates``."""
+    history: list[Event] | None = None
+    """The run's whole history as of the claim, if the claim read it (short histories,
+    ``CLAIM_HISTORY_EVENTS`` at most): no separate read needed."""
+
+
+CLAIM_HISTORY_EVENTS = 64
+"""Claims return the history of runs with at most this many events."""
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from tether._store.base import (
     ACTIVITY_COMPLETED,
     CHILD_WORKFLOW_COMPLETED,
     CHILD_WORKFLOW_FAILED,
+    CLAIM_HISTORY_EVENTS,
     COMPLETED,
     CONTINUED_AS_NEW,
     SIGNAL_RECEIVED,
@@ -543,7 +544,7 @@ class SqlStore(Store):
                 "ORDER BY r.created_at",
                 (task_queue, lease_until, token),
             )
-            return [
+            tasks = [
                 WorkflowTask(
                     run_id=run_id,
                     workflow_id=wf_id,
@@ -558,6 +559,23 @@ class SqlStore(Store):
                 )
                 for run_id, wf_id, wf_type, ns, attempt, version, next_seq, updates in rows
             ]
+            if any(t.history_length <= CLAIM_HISTORY_EVENTS for t in tasks):
+                # Short histories come with the claim: a worker without the run in its
+                # cache (a new run, an evicted one) needs no separate read.
+                events = yield Stmt(
+                    ALL,
+                    "SELECT h.run_id, h.seq, h.type, h.time, h.data FROM workflow_tasks t "
+                    "JOIN runs r ON r.run_id = t.run_id JOIN history h ON h.run_id = t.run_id "
+                    "WHERE t.task_queue = ? AND t.visible_at = ? AND t.token = ? "
+                    "AND r.next_seq <= ? ORDER BY h.run_id, h.seq",
+                    (task_queue, lease_until, token, CLAIM_HISTORY_EVENTS + 1),
+                )
+                by_run: dict[str, list[Event]] = {}
+                for run_id, seq, kind, at, data in events:
+                    by_run.setdefault(run_id, []).append(Event(seq, kind, at, json.loads(data)))
+                for t in tasks:
+                    t.history = by_run.get(t.run_id)
+            return tasks
 
         return await self._execute(op, writes=True)
 
