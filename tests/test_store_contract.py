@@ -381,3 +381,18 @@ async def test_claim_brings_short_histories_along(store: Store) -> None:
     assert short.history == await store.read_history("run-1")
     assert [e.type for e in short.history or []] == ["WorkflowStarted"]
     assert long.history is None and long.history_length == CLAIM_HISTORY_EVENTS + 1
+
+
+async def test_activity_result_with_a_lost_lease_continues_nothing(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    done = await store.complete_workflow_task(schedule(task, eager=1), "w1", NOW)
+    (activity,) = done.eager_activities
+    lost = dataclasses.replace(activity, token="not-the-lease")
+    woken = continue_after(task, done.task_version, done.history_length + 1)
+    with pytest.raises(StaleTaskError):
+        await store.finish_activity_and_continue(
+            lost, {"seq": 1, "result": "ok"}, NOW + 1, woken, done.history_length + 1, "w1"
+        )
+    assert len(await store.read_history("run-1")) == done.history_length
+    assert (await store.get_run("default", "wf", None)).status == "running"

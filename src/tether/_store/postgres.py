@@ -241,7 +241,7 @@ async def _keepalive(conn: asyncpg.Connection) -> None:
 class PostgresStore(SqlStore):
     """A store in a PostgreSQL database. Open it with ``await PostgresStore.open(url)``."""
 
-    dialect = Dialect(row_locks=True, json_functions="jsonb")
+    dialect = Dialect(row_locks=True, json_functions="jsonb", writes_in_with=True)
 
     def __init__(
         self,

@@ -89,6 +89,9 @@ class Dialect:
     """Whether claims must lock rows (concurrent writers) or writes are serialized anyway."""
     json_functions: Literal["jsonb", "json1"]
     """How JSON text columns are read: PostgreSQL's ``jsonb`` or SQLite's ``json1``."""
+    writes_in_with: bool = False
+    """Whether ``WITH`` may hold INSERT/UPDATE/DELETE: dependent writes in one statement
+    (one round trip to a server instead of several)."""
 
     def json_field_equals(self, column: str, key: str, value: Any) -> tuple[str, list[Any]]:
         """A condition (and its parameters): the JSON object in text ``column`` has ``key``
@@ -133,6 +136,21 @@ _ACTIVITY_COLUMNS = (
     "a.run_id, r.workflow_id, r.workflow_type, a.seq, a.activity_type, a.task_queue, a.args, "
     "a.options, a.attempt, a.scheduled_at, a.heartbeat_details, a.token, a.owner, "
     "a.cancel_requested"
+)
+
+
+_FAMILY = (
+    "parent_run_id, parent_seq, EXISTS (SELECT 1 FROM runs c "
+    "WHERE c.parent_run_id = runs.run_id AND c.status = 'running')"
+)
+"""A run's parent (id, seq) and whether it has running children."""
+_ADVANCED = f"inbound_seq, task_version, {_FAMILY}"
+"""What a completion needs back from the UPDATE that advances its run (after the first
+seq of its events): the inputs watermark, the new version, and the run's family."""
+
+_END_ACTIVITY = (
+    "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND token = ? "
+    "RETURNING cancel_requested"
 )
 
 
@@ -599,7 +617,7 @@ class SqlStore(Store):
             "next_seq = next_seq + ? WHERE run_id = ? AND task_version = ? "
             "AND status = 'running' AND EXISTS (SELECT 1 FROM workflow_tasks w "
             "WHERE w.run_id = runs.run_id AND w.token = ?) "
-            "RETURNING next_seq - ?, inbound_seq, task_version",
+            f"RETURNING next_seq - ?, {_ADVANCED}",
             (len(events), task.run_id, task.task_version, task.token, len(events)),
         )
         if row is None:
@@ -607,12 +625,7 @@ class SqlStore(Store):
                 f"workflow task of run {task.run_id} is no longer leased by this worker "
                 f"(or the run advanced past task version {task.task_version})"
             )
-        next_seq, inbound_seq, version = row
-        return (
-            yield from self._record_task(
-                c, owner, now, events, next_seq, inbound_seq, version, True
-            )
-        )
+        return (yield from self._record_task(c, owner, now, events, row, task_queued=True))
 
     @staticmethod
     def _task_events(c: WorkflowTaskCompletion) -> list[tuple[str, dict[str, Any]]]:
@@ -626,15 +639,14 @@ class SqlStore(Store):
         owner: str,
         now: float,
         events: list[tuple[str, dict[str, Any]]],
-        next_seq: int,
-        inbound_seq: int,
-        task_version: int,
+        advanced: Any,
         task_queued: bool,
     ) -> Op[WorkflowTaskResult]:
-        """The rest of a completion once the run has advanced: ``events`` get the seqs
-        from ``next_seq``; ``task_queued``: the run has a workflow task row."""
+        """The rest of a completion once the run has advanced (``advanced``: the first seq
+        for ``events``, then ``_ADVANCED``); ``task_queued``: the run has a task row."""
         task = c.task
         run_id = task.run_id
+        next_seq, inbound_seq, task_version, *family = advanced
         if events:
             yield touch(Change.HISTORY)
             yield Stmt(
@@ -754,7 +766,7 @@ class SqlStore(Store):
                 yield from self._continue_as_new(run_id, new_run, c.inputs_through)
             else:
                 yield from self._run_closed(
-                    run_id, c.close.status, c.close.result, c.close.failure, now
+                    run_id, c.close.status, c.close.result, c.close.failure, now, family
                 )
             yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})")
         else:
@@ -918,12 +930,7 @@ class SqlStore(Store):
     def _end_activity(self, task: ActivityTask) -> Op[bool]:
         """Remove the finished activity ``task`` (``StaleTaskError`` unless it still holds
         its lease); return whether the workflow still waits for its result."""
-        deleted = yield Stmt(
-            ONE,
-            "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND token = ? "
-            "RETURNING cancel_requested",
-            (task.run_id, task.seq, task.token),
-        )
+        deleted = yield Stmt(ONE, _END_ACTIVITY, (task.run_id, task.seq, task.token))
         if deleted is None:
             raise self._stale(task)
         return not deleted[0]
@@ -955,37 +962,49 @@ class SqlStore(Store):
         expected_seq: int,
         owner: str,
     ) -> WorkflowTaskResult | None:
+        task_version = completion.task.task_version
+
         def op() -> Op[WorkflowTaskResult | None]:
-            if not (yield from self._end_activity(task)):
-                return None  # the workflow no longer waits for this result
             events = [(ACTIVITY_COMPLETED, data), *self._task_events(completion)]
             # Only if the cached instance has seen every input: no other event took
             # expected_seq, and no workflow task is queued (for inputs that came while
             # the run's last task ran, below expected_seq) or running elsewhere.
-            row = yield Stmt(
-                ONE,
+            advance = (
                 "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
                 "next_seq = next_seq + ?, inbound_seq = next_seq WHERE run_id = ? "
                 "AND task_version = ? AND next_seq = ? AND status = 'running' "
-                "AND NOT EXISTS (SELECT 1 FROM workflow_tasks w WHERE w.run_id = runs.run_id) "
-                "RETURNING next_seq - ?, inbound_seq, task_version",
-                (
-                    len(events),
-                    task.run_id,
-                    completion.task.task_version,
-                    expected_seq,
-                    len(events),
-                ),
+                "AND NOT EXISTS (SELECT 1 FROM workflow_tasks w WHERE w.run_id = runs.run_id)"
             )
+            advance_params = (len(events), task.run_id, task_version, expected_seq)
+            row: Any
+            if self.dialect.writes_in_with:  # both steps in one round trip
+                both = yield Stmt(
+                    ONE,
+                    f"WITH done AS ({_END_ACTIVITY}), advanced AS ({advance} "
+                    "AND EXISTS (SELECT 1 FROM done WHERE cancel_requested = 0) "
+                    f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children) "
+                    "SELECT d.cancel_requested, a.first, a.inbound_seq, a.task_version, "
+                    "a.parent_run_id, a.parent_seq, a.has_children "
+                    "FROM done d LEFT JOIN advanced a ON TRUE",
+                    (task.run_id, task.seq, task.token, *advance_params, len(events)),
+                )
+                if both is None:
+                    raise self._stale(task)
+                if both[0]:
+                    return None  # the workflow no longer waits for this result
+                row = None if both[1] is None else both[1:]
+            else:
+                if not (yield from self._end_activity(task)):
+                    return None  # the workflow no longer waits for this result
+                row = yield Stmt(
+                    ONE,
+                    f"{advance} RETURNING next_seq - ?, {_ADVANCED}",
+                    (*advance_params, len(events)),
+                )
             if row is None:  # the queued workflow task takes the result
                 yield from self._append_inbound(task.run_id, ACTIVITY_COMPLETED, data, now)
                 return None
-            next_seq, inbound_seq, version = row
-            return (
-                yield from self._record_task(
-                    completion, owner, now, events, next_seq, inbound_seq, version, False
-                )
-            )
+            return (yield from self._record_task(completion, owner, now, events, row, False))
 
         return await self._execute(op, writes=True)
 
@@ -1331,15 +1350,18 @@ class SqlStore(Store):
         result: Any,
         failure: dict[str, Any] | None,
         now: float,
+        family: Any = None,
     ) -> Op[None]:
-        """Tell the parent (if any) and apply this run's parent-close policy to its children."""
+        """Tell the parent (if any) and apply this run's parent-close policy to its children.
+
+        ``family``: (parent run id, parent seq, has running children) if known already."""
         yield touch(Change.RUN_CLOSED | Change.UPDATE)
-        parent = yield Stmt(
-            ONE,
-            "SELECT parent_run_id, parent_seq, EXISTS (SELECT 1 FROM runs c "
-            "WHERE c.parent_run_id = runs.run_id AND c.status = 'running') "
-            "FROM runs WHERE run_id = ?",
-            (run_id,),
+        parent = family or (
+            yield Stmt(
+                ONE,
+                f"SELECT {_FAMILY} FROM runs WHERE run_id = ?",
+                (run_id,),
+            )
         )
         if parent is not None and parent[0] is not None:
             if status == COMPLETED:
