@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from tether import Worker, activity, workflow
 from tether.testing import WorkflowEnvironment
@@ -100,3 +101,21 @@ async def test_env_sleep_moves_time_without_a_result_waiter(
         assert (await handle.describe()).status == "running"
         await skipping_env.sleep(timedelta(days=31))
         assert await handle.result(timeout=10) >= 30 * 86400
+
+
+async def test_an_idle_worker_leaves_no_store_waiters_behind(tmp_path: Path) -> None:
+    """Each idle poll of the worker's loops waits on the store for its kind of change;
+    a wait that ends without that change must not stay registered (it would pile up
+    until, say, the first query ever comes)."""
+    env = await WorkflowEnvironment.start_local(str(tmp_path / "idle.db"))
+    try:
+        async with Worker(
+            env.client, task_queue="test", workflows=[Counter], activities=[increment]
+        ):
+            await env.client.execute_workflow(Counter, 1, id="idle", task_queue="test")
+            await asyncio.sleep(2.5)  # two idle polls of every loop
+            waiters = env.client.store._waiters._waiting  # type: ignore[attr-defined]
+            pending = [fut for _, fut, _ in waiters if not fut.done()]
+            assert len(pending) <= 4  # at most one per loop that is waiting right now
+    finally:
+        await env.shutdown()

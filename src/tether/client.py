@@ -664,11 +664,14 @@ class WorkflowHandle:
             async with asyncio.timeout(timeout):
                 while True:
                     change = store.change_waiter(Change.QUERY)
-                    answered, result, failure = await store.take_query_answer(query_id)
-                    if answered:
-                        break
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(change, 0.5)
+                    try:
+                        answered, result, failure = await store.take_query_answer(query_id)
+                        if answered:
+                            break
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(change, 0.5)
+                    finally:
+                        change.cancel()  # (else it stays registered with the store)
         except TimeoutError:
             await store.drop_query(query_id)
             raise NoWorkerResponseError(
@@ -721,17 +724,20 @@ class WorkflowHandle:
             async with asyncio.timeout(timeout):
                 while True:
                     change = store.change_waiter(Change.UPDATE | Change.RUN_CLOSED)
-                    state = await store.get_update(run_id, update_id)
-                    if state is None:
-                        # Continue-as-new moved the request on to the workflow's next run.
-                        latest = await store.get_run(self.client.namespace, self.id, None)
-                        state = await store.get_update(latest.run_id, update_id)
-                        if state is not None:
-                            run_id = latest.run_id
-                    if state is not None and state.state in ("completed", "rejected"):
-                        break
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(change, 0.5)
+                    try:
+                        state = await store.get_update(run_id, update_id)
+                        if state is None:
+                            # Continue-as-new moved the request on to the workflow's next run.
+                            latest = await store.get_run(self.client.namespace, self.id, None)
+                            state = await store.get_update(latest.run_id, update_id)
+                            if state is not None:
+                                run_id = latest.run_id
+                        if state is not None and state.state in ("completed", "rejected"):
+                            break
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(change, 0.5)
+                    finally:
+                        change.cancel()  # (else it stays registered with the store)
         except TimeoutError:
             raise NoWorkerResponseError(
                 f"update {name!r} (id {update_id}) of workflow {self.id!r} was not handled "
@@ -793,22 +799,29 @@ class _ClosedRunWatcher:
     async def _poll(self) -> None:
         while self._waiting:
             change = self._store.change_waiter(Change.RUN_CLOSED)
-            began = time.monotonic()
             try:
-                closed = await self._store.closed_runs(list(self._waiting))
-            except StoreError:
-                closed = []
-            spent = time.monotonic() - began
-            for run in closed:
-                for fut in self._waiting.pop(run.run_id, []):
-                    if not fut.done():
-                        fut.set_result(run)
-            if self._waiting:
-                if spent > _WATCH_FREE_SECONDS:
-                    # Many waiters make each look costly (it reads all of them): look at
-                    # most a fifth of the time, or they would starve the store's reader.
-                    await asyncio.sleep(min(4 * spent, 1.0))
-                try:
-                    await asyncio.wait_for(change, 1.0)
-                except TimeoutError:
-                    pass
+                await self._look(change)
+            finally:
+                change.cancel()  # (else it stays registered with the store)
+
+    async def _look(self, change: asyncio.Future[None]) -> None:
+        """Resolve the waiters of runs that closed; then wait for ``change`` (or 1 s)."""
+        began = time.monotonic()
+        try:
+            closed = await self._store.closed_runs(list(self._waiting))
+        except StoreError:
+            closed = []
+        spent = time.monotonic() - began
+        for run in closed:
+            for fut in self._waiting.pop(run.run_id, []):
+                if not fut.done():
+                    fut.set_result(run)
+        if self._waiting:
+            if spent > _WATCH_FREE_SECONDS:
+                # Many waiters make each look costly (it reads all of them): look at
+                # most a fifth of the time, or they would starve the store's reader.
+                await asyncio.sleep(min(4 * spent, 1.0))
+            try:
+                await asyncio.wait_for(change, 1.0)
+            except TimeoutError:
+                pass

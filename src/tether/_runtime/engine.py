@@ -94,6 +94,7 @@ _FIRST_TASK_WAIT = 5.0
 """How long a query waits for a new run's first workflow task before answering anyway."""
 
 _IDLE_POLL = 1.0
+_ENDED_WITHOUT_TASK = (WORKFLOW_TERMINATED, WORKFLOW_TIMED_OUT)
 """Longest sleep of an idle loop; store notifications usually wake it much sooner."""
 
 
@@ -221,11 +222,15 @@ class Engine:
         return kick
 
     async def _wait(self, waiters: list[asyncio.Future[None]], deadline: float) -> None:
+        """Until one of ``waiters`` is done or ``deadline``; then cancels them all (a store
+        waiter left pending would stay registered until its kind of change comes)."""
         sleeper = asyncio.ensure_future(self.clock.wait_until(deadline))
         try:
             await asyncio.wait([*waiters, sleeper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
+            for waiter in waiters:
+                waiter.cancel()
 
     async def _guarded(
         self,
@@ -259,6 +264,8 @@ class Engine:
                 delay = backoff
                 backoff = min(backoff * 2, 5.0)
             if delay is None:
+                for waiter in waiters:
+                    waiter.cancel()  # (else it stays registered with the store)
                 continue
             await self._wait(waiters, began + delay)
 
@@ -554,17 +561,17 @@ class Engine:
         deadline = time.monotonic() + _FIRST_TASK_WAIT
         while True:
             change = self.store.change_waiter(Change.HISTORY | Change.RUN_CLOSED)
-            events = await self.store.read_history(run_id)
-            if any(e.type == WORKFLOW_TASK_COMPLETED for e in events):
-                return events
-            if time.monotonic() >= deadline or (
-                len(events) > 1
-                and events[-1].type
-                in (
-                    WORKFLOW_TERMINATED,
-                    WORKFLOW_TIMED_OUT,
-                )
+            try:
+                events = await self.store.read_history(run_id)
+            except BaseException:
+                change.cancel()
+                raise
+            if (
+                any(e.type == WORKFLOW_TASK_COMPLETED for e in events)
+                or time.monotonic() >= deadline
+                or (len(events) > 1 and events[-1].type in _ENDED_WITHOUT_TASK)
             ):
+                change.cancel()  # (else it stays registered with the store)
                 return events
             await self._wait([change], self.clock.now() + 0.05)
 

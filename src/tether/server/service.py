@@ -306,16 +306,19 @@ async def _follow(
 ) -> AsyncIterator[dict[str, Any]]:
     store = client.store
     while True:
-        change = store.change_waiter()
-        # The status first: if the run had closed, the events read next are all of them.
-        run = await store.get_run(client.namespace, d.workflow_id, d.run_id)
-        for event in await store.read_history(d.run_id, after):
-            after = event.seq
-            yield event_json(event)
-        if run.status != RUNNING:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(change, FOLLOW_POLL_SECONDS)
+        change = store.change_waiter()  # any kind: inbound events do not touch HISTORY
+        try:
+            # The status first: if the run had closed, the events read next are all of them.
+            run = await store.get_run(client.namespace, d.workflow_id, d.run_id)
+            for event in await store.read_history(d.run_id, after):
+                after = event.seq
+                yield event_json(event)
+            if run.status != RUNNING:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(change, FOLLOW_POLL_SECONDS)
+        finally:
+            change.cancel()  # (else it stays registered with the store)
 
 
 async def signal(
