@@ -140,3 +140,36 @@ async def test_workflow_logger_is_quiet_during_replay(
     # Each line is logged once, even when every task replays the run from the start.
     assert [m.split(" [")[0] for m in messages] == ["step 0", "step 1", "step 2"]
     assert all("id=chatty" in m for m in messages)
+
+
+@workflow.defn
+class Returns:
+    @workflow.run
+    async def run(self, x: int) -> int:
+        return x
+
+
+@workflow.defn
+class Waits:
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: False)
+
+
+async def test_result_of_a_closed_run_is_at_once_while_others_are_awaited(
+    env: WorkflowEnvironment, make_worker: Callable[..., Worker]
+) -> None:
+    client = env.client
+    async with make_worker(client, workflows=[Returns, Waits]):
+        waiting = await client.start_workflow(Waits, id="waits", task_queue="test")
+        background = asyncio.create_task(waiting.result())  # keeps the watcher busy
+        try:
+            for i in range(3):
+                handle = await client.start_workflow(Returns, i, id=f"r{i}", task_queue="test")
+                while (await handle.describe()).status == "running":
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)  # its close has been announced already
+                # Not at the watcher's next timed look (1 s): it looks again at once.
+                assert await asyncio.wait_for(handle.result(), 0.5) == i
+        finally:
+            background.cancel()

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from backends import database_url
-from tether import Client, InvalidArgumentError, StoreError
+from tether import Client, InvalidArgumentError, StoreError, Worker, workflow
 from tether._store.base import NewRun
 from tether._store.pg_statements import translate
 from tether._store.postgres import PostgresStore, redact
@@ -182,3 +182,43 @@ async def test_closed_store_refuses_calls(store: PostgresStore) -> None:
     with pytest.raises(StoreError, match="closed") as e:
         await store.start_run(new_run(1))
     assert not e.value.retryable
+
+
+@workflow.defn
+class SleepsLong:
+    @workflow.run
+    async def run(self) -> None:
+        await asyncio.sleep(3600)
+
+
+async def test_a_due_timer_locked_elsewhere_does_not_make_the_timer_loop_spin(
+    fresh_postgres: str,
+) -> None:
+    client = await Client.connect(fresh_postgres)
+    store = client.store
+    fired = 0
+    fire = store.fire_due_timers
+
+    async def counting(now: float, limit: int) -> int:
+        nonlocal fired
+        fired += 1
+        return await fire(now, limit)
+
+    store.fire_due_timers = counting  # type: ignore[method-assign]
+    locker = await asyncpg.connect(fresh_postgres)
+    try:
+        async with Worker(client, task_queue="q", workflows=[SleepsLong]):
+            await client.start_workflow(SleepsLong, id="s", task_queue="q")
+            while not await locker.fetchval("SELECT count(*) FROM timers"):
+                await asyncio.sleep(0.02)
+            # Due, but held by another transaction (another worker firing it, say).
+            await locker.execute("UPDATE timers SET fire_at = 0")
+            await locker.execute("BEGIN")
+            await locker.execute("SELECT * FROM timers FOR UPDATE")
+            fired = 0
+            await asyncio.sleep(2.5)  # the timer loop sees it within its 1 s idle poll
+            assert fired <= 60  # then a try every 50 ms or so, not a busy loop
+            await locker.execute("ROLLBACK")
+    finally:
+        await locker.close()
+        await client.close()

@@ -780,6 +780,8 @@ class _ClosedRunWatcher:
         self._store = store
         self._waiting: dict[str, list[asyncio.Future[RunInfo]]] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._added: asyncio.Future[None] | None = None
+        """Done when a run was added since the poller's last look (it may be closed)."""
 
     async def wait(self, run_id: str) -> RunInfo:
         """Wait until run ``run_id`` closes; return it as it closed."""
@@ -787,6 +789,8 @@ class _ClosedRunWatcher:
         self._waiting.setdefault(run_id, []).append(fut)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
+        elif self._added is not None and not self._added.done():
+            self._added.set_result(None)  # look again: it may have closed already
         try:
             return await fut
         finally:
@@ -799,13 +803,15 @@ class _ClosedRunWatcher:
     async def _poll(self) -> None:
         while self._waiting:
             change = self._store.change_waiter(Change.RUN_CLOSED)
+            self._added = asyncio.get_running_loop().create_future()
             try:
                 await self._look(change)
             finally:
                 change.cancel()  # (else it stays registered with the store)
 
     async def _look(self, change: asyncio.Future[None]) -> None:
-        """Resolve the waiters of runs that closed; then wait for ``change`` (or 1 s)."""
+        """Resolve the waiters of runs that closed; then wait for ``change``, a new run to
+        wait for, or 1 s."""
         began = time.monotonic()
         try:
             closed = await self._store.closed_runs(list(self._waiting))
@@ -821,7 +827,7 @@ class _ClosedRunWatcher:
                 # Many waiters make each look costly (it reads all of them): look at
                 # most a fifth of the time, or they would starve the store's reader.
                 await asyncio.sleep(min(4 * spent, 1.0))
-            try:
-                await asyncio.wait_for(change, 1.0)
-            except TimeoutError:
-                pass
+            assert self._added is not None
+            await asyncio.wait(
+                [change, self._added], timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+            )

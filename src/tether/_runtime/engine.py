@@ -94,6 +94,7 @@ _FIRST_TASK_WAIT = 5.0
 """How long a query waits for a new run's first workflow task before answering anyway."""
 
 _IDLE_POLL = 1.0
+_BUSY_RETRY = 0.05
 _ENDED_WITHOUT_TASK = (WORKFLOW_TERMINATED, WORKFLOW_TIMED_OUT)
 """Longest sleep of an idle loop; store notifications usually wake it much sooner."""
 
@@ -322,6 +323,9 @@ class Engine:
         if inst.closed or self.max_cached <= 0:
             inst.evict()
             return
+        old = self._cache.pop(run_id, None)
+        if old is not None and old is not inst:
+            old.evict()  # rebuilt meanwhile by a task that ran while this one was out
         self._cache[run_id] = inst
         while len(self._cache) > self.max_cached:
             _, old = self._cache.popitem(last=False)
@@ -924,7 +928,11 @@ class Engine:
             due = self._next_due = await self.store.next_due_time(after=now)
             if due is None:
                 return _IDLE_POLL
-            return max(0.0, min(due - now, _IDLE_POLL))
+            if due <= now:
+                # Due but not fired: another worker's transaction holds that timer (SKIP
+                # LOCKED); do not spin on it.
+                return _BUSY_RETRY
+            return min(due - now, _IDLE_POLL)
 
         await self._guarded("timer", step, Change.TIMER)
 

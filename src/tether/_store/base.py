@@ -437,9 +437,9 @@ class Store(abc.ABC):
         event got another seq, or a workflow task was queued already: inputs that came
         while the run's last task ran) or the workflow no longer waits for the result, the
         result alone is recorded, the workflow task is queued as usual, and this returns None:
-        the caller must drop its speculative state. Raises ``StaleTaskError``, recording
-        nothing, if the activity's lease is lost or the run advanced past
-        ``completion.task.task_version``.
+        the caller must drop its speculative state (also when the run advanced past
+        ``completion.task.task_version``). Raises ``StaleTaskError``, recording nothing,
+        if the activity's lease is lost.
         """
 
     @abc.abstractmethod

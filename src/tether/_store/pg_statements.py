@@ -21,6 +21,7 @@ from typing import Any
 from tether._store.sql import WRITE, Stmt
 
 _translations: dict[tuple[str, int], str] = {}
+_MAX_TRANSLATIONS = 4096  # statement shapes are few; this only bounds the unexpected
 
 
 def translate(sql: str, first: int = 1) -> str:
@@ -40,6 +41,8 @@ def translate(sql: str, first: int = 1) -> str:
             out.append(f"${n}")
         else:
             out.append(ch)
+    if len(_translations) >= _MAX_TRANSLATIONS:
+        _translations.clear()
     done = _translations[key] = "".join(out)
     return done
 
@@ -48,6 +51,9 @@ _TARGET = re.compile(r"\s*(?:INSERT\s+INTO|DELETE\s+FROM|UPDATE)\s+(\w+)", re.IG
 _ROW = re.compile(r"(.*\bVALUES\s*)(\([^()]*\))(.*)", re.IGNORECASE | re.DOTALL)
 MAX_ARGS = 30_000
 """Parameters in one statement (the protocol allows 32,767)."""
+MAX_ROWS = 16
+"""Rows of one INSERT sent as a multi-row ``VALUES``: each row count is another
+statement text (and prepared statement), so larger ones go by ``executemany``."""
 
 
 def target_table(sql: str) -> str:
@@ -72,8 +78,9 @@ class DeferredWrites:
 
     def accepts(self, stmt: Stmt) -> bool:
         """Whether ``stmt`` can join the pending ones (else: flush first, or run it alone)."""
-        if stmt.kind != WRITE and len(stmt.params) > 1 and _ROW.match(stmt.sql) is None:
-            return False  # an UPDATE/DELETE of many rows: executemany, in order
+        rows = len(stmt.params)
+        if stmt.kind != WRITE and rows > 1 and (rows > MAX_ROWS or _ROW.match(stmt.sql) is None):
+            return False  # many rows, or an UPDATE/DELETE of many: executemany
         size = len(stmt.params) if stmt.kind == WRITE else sum(map(len, stmt.params))
         if size > MAX_ARGS:
             return False
