@@ -239,3 +239,34 @@ async def test_tether_db_migrate_command(tmp_path: Path) -> None:
         assert "unsupported store URL" in bad.stderr
     finally:
         await drop_database(url)
+
+
+OPEN_STORE = """
+import asyncio, sys
+from tether._store.sqlite import SqliteStore
+
+async def main():
+    store = SqliteStore(sys.argv[1])
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_processes_creating_one_sqlite_store_at_once_all_open_it(tmp_path: Path) -> None:
+    """Switching a new database to WAL can fail at once, without the busy timeout, while
+    another process does the same: opening retries. (A race: about 1 open in 200 failed
+    without the retry, so the test opens many.)"""
+    for attempt in range(6):
+        db = tmp_path / f"new-{attempt}.db"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPEN_STORE, str(db)],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(10)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err

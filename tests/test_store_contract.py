@@ -103,7 +103,9 @@ async def test_closed_id_can_be_reused(store: Store) -> None:
         "w1",
         NOW,
     )
-    second = await store.start_run(new_run(run_id="run-2", request_id="req-2"))
+    # Started after the first closed (same creation times would leave "latest" a tie).
+    reuse = dataclasses.replace(new_run(run_id="run-2", request_id="req-2"), now=NOW + 1)
+    second = await store.start_run(reuse)
     assert second.created
     latest = await store.get_run("default", "wf", None)
     first = await store.get_run("default", "wf", "run-1")

@@ -769,6 +769,8 @@ class WorkflowHandle:
         )
 
 
+_ADDED_LOOK_SECONDS = 0.02
+"""Runs newly waited for are looked up together, at most this often."""
 _WATCH_FREE_SECONDS = 0.002
 """A look for closed runs that took longer makes the next one wait (see _poll)."""
 
@@ -831,3 +833,7 @@ class _ClosedRunWatcher:
             await asyncio.wait(
                 [change, self._added], timeout=1.0, return_when=asyncio.FIRST_COMPLETED
             )
+            if not change.done():
+                # Only new runs to wait for (each start's result() adds one): look for
+                # them together, at most every _ADDED_LOOK_SECONDS.
+                await asyncio.sleep(max(0.0, began + _ADDED_LOOK_SECONDS - time.monotonic()))

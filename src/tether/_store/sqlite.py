@@ -19,6 +19,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ T = TypeVar("T")
 # in migrations/postgres/): add a new numbered file to both to change it.
 
 _MAX_BATCH = 512
+_OPEN_RETRY_SECONDS = 10.0
 
 
 class _Op:
@@ -164,15 +166,24 @@ class SqliteStore(SqlStore):
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 30000")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
         try:
-            migrations.migrate_sqlite(conn)
+            conn.execute("PRAGMA busy_timeout = 30000")
+            deadline = time.monotonic() + _OPEN_RETRY_SECONDS
+            while True:
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    conn.execute("PRAGMA synchronous = FULL")
+                    migrations.migrate_sqlite(conn)
+                    return conn
+                except sqlite3.OperationalError as e:
+                    # Another process creating the same new database (switching it to
+                    # WAL) can make these fail at once, without the busy timeout.
+                    if "locked" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
         except BaseException:
             conn.close()
             raise
-        return conn
 
     # -- the threads -------------------------------------------------------------
     @staticmethod
