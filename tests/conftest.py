@@ -117,3 +117,11 @@ async def store(
         opened = SqliteStore(os.path.join(tmp_path, "store.db"))
     yield opened
     await opened.close()
+
+
+@pytest.fixture
+async def postgres_store(fresh_postgres: str) -> AsyncIterator[PostgresStore]:
+    """A PostgreSQL store on a fresh database (the PostgreSQL-only tests)."""
+    opened = await PostgresStore.open(fresh_postgres)
+    yield opened
+    await opened.close()

@@ -95,26 +95,32 @@ class ShoppingCart:
         self.checked_out = True
 
 
+async def add_to_cart(
+    client: Client, customer: str, item: str, quantity: int, update_id: str | None = None
+) -> Any:
+    """Add to ``customer``'s cart (update-with-start: the first call starts the cart)."""
+    return await client.execute_update_with_start(
+        ShoppingCart,
+        customer,
+        id=f"cart-{customer}",
+        task_queue="test",
+        update=ShoppingCart.add_item,
+        update_args=(item, quantity),
+        update_id=update_id,
+    )
+
+
 async def test_update_with_start_repeated_update_id_applies_once(
     env: WorkflowEnvironment, make_worker: MakeWorker
 ) -> None:
     client = env.client
     async with make_worker(client, workflows=[ShoppingCart]):
-
-        async def add_apple_once() -> Any:
-            return await client.execute_update_with_start(
-                ShoppingCart,
-                "bob",
-                id="cart-bob",
-                task_queue="test",
-                update=ShoppingCart.add_item,
-                update_args=("apple", 1),
-                update_id="apple-once",
-            )
-
         # The first call starts the cart; the retries reach the running cart and get the
         # first call's result without adding another apple.
-        assert [await add_apple_once() for _ in range(3)] == [120, 120, 120]
+        added = [
+            await add_to_cart(client, "bob", "apple", 1, update_id="apple-once") for _ in range(3)
+        ]
+        assert added == [120, 120, 120]
         cart = client.get_workflow_handle("cart-bob", workflow=ShoppingCart)
         assert await cart.query(ShoppingCart.subtotal) == 120
         accepted = [e for e in await cart.history() if e.type == "UpdateAccepted"]
@@ -128,14 +134,7 @@ async def test_shopping_cart_with_update_with_start(
     async with make_worker(client, workflows=[ShoppingCart]):
 
         async def add(item: str, quantity: int) -> Any:
-            return await client.execute_update_with_start(
-                ShoppingCart,
-                "ann",
-                id="cart-ann",
-                task_queue="test",
-                update=ShoppingCart.add_item,
-                update_args=(item, quantity),
-            )
+            return await add_to_cart(client, "ann", item, quantity)
 
         # The first update starts the cart, the next ones go to the running cart.
         assert await add("apple", 2) == 240

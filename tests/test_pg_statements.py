@@ -4,9 +4,6 @@ they become, and, on a real server, the same outcome as sending them one by one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from tether._store.pg_statements import DeferredWrites, translate
 from tether._store.postgres import PostgresStore
@@ -44,16 +41,9 @@ def test_writes_to_different_tables_become_one_statement() -> None:
     assert not group  # taken: empty again
 
 
-@pytest.fixture
-async def store(fresh_postgres: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore.open(fresh_postgres)
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-async def test_deferred_writes_keep_the_order_of_the_operation(store: PostgresStore) -> None:
+async def test_deferred_writes_keep_the_order_of_the_operation(
+    postgres_store: PostgresStore,
+) -> None:
     def op() -> Op[list[tuple[str, float]]]:
         yield Stmt(WRITE, WORKER + "VALUES ('q', 'a', '{}', '[]', 1)", ())
         yield Stmt(WRITE, "UPDATE workers SET last_seen = 2 WHERE identity = 'a'", ())
@@ -62,19 +52,21 @@ async def test_deferred_writes_keep_the_order_of_the_operation(store: PostgresSt
         rows = yield Stmt(ONE, "SELECT count(*), max(last_seen) FROM workers", ())
         return [("count", rows[0]), ("max", rows[1])]
 
-    assert await store._execute(op, writes=True) == [("count", 1), ("max", 2.0)]
+    assert await postgres_store._execute(op, writes=True) == [("count", 1), ("max", 2.0)]
 
 
-async def test_a_failing_deferred_write_fails_its_operation_only(store: PostgresStore) -> None:
+async def test_a_failing_deferred_write_fails_its_operation_only(
+    postgres_store: PostgresStore,
+) -> None:
     def insert(identity: str) -> Op[str]:
         yield Stmt(WRITE, WORKER + f"VALUES ('q', '{identity}', '{{}}', '[]', 1)", ())
         return identity
 
-    await store._execute(lambda: insert("a"), writes=True)
+    await postgres_store._execute(lambda: insert("a"), writes=True)
     # Queued together, so likely in one transaction: the one whose deferred write hits
     # the taken primary key fails, its neighbours commit.
     results = await asyncio.gather(
-        *(store._execute(lambda i=i: insert(i), writes=True) for i in ("b", "a", "c")),
+        *(postgres_store._execute(lambda i=i: insert(i), writes=True) for i in ("b", "a", "c")),
         return_exceptions=True,
     )
     assert results[0] == "b" and results[2] == "c"
@@ -84,4 +76,4 @@ async def test_a_failing_deferred_write_fails_its_operation_only(store: Postgres
         row = yield Stmt(ONE, "SELECT count(*) FROM workers", ())
         return int(row[0])
 
-    assert await store._execute(count, writes=False) == 3
+    assert await postgres_store._execute(count, writes=False) == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -20,15 +19,6 @@ NOW = 1_000_000.0
 
 def new_run(n: int) -> NewRun:
     return NewRun("default", f"wf-{n}", f"run-{n}", "Flow", "q", [n], f"req-{n}", 1, NOW)
-
-
-@pytest.fixture
-async def store(fresh_postgres: str) -> AsyncIterator[PostgresStore]:
-    s = await PostgresStore.open(fresh_postgres)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def terminate_connections(url: str, *, except_pids: tuple[int, ...] = ()) -> int:
@@ -61,23 +51,23 @@ def test_urls_in_messages_hide_the_password() -> None:
 
 
 async def test_lost_connections_are_replaced_and_calls_carry_on(
-    fresh_postgres: str, store: PostgresStore
+    fresh_postgres: str, postgres_store: PostgresStore
 ) -> None:
     for n in range(5):
-        await store.start_run(new_run(n))
-        await store.get_run("default", f"wf-{n}", None)
+        await postgres_store.start_run(new_run(n))
+        await postgres_store.get_run("default", f"wf-{n}", None)
     killed = await terminate_connections(fresh_postgres)
     assert killed >= 3  # committers, listener, pooled reader
     # Reads and writes after the loss reconnect without the caller noticing.
     for n in range(5, 10):
-        await store.start_run(new_run(n))
-    assert len(await store.list_runs("default")) == 10
+        await postgres_store.start_run(new_run(n))
+    assert len(await postgres_store.list_runs("default")) == 10
     # The listener came back too: another process's commit wakes this one.
     other = await PostgresStore.open(fresh_postgres)
     try:
         deadline = time.monotonic() + 10
         while True:
-            waiter = store.change_waiter()
+            waiter = postgres_store.change_waiter()
             await other.start_run(new_run(100))
             try:
                 await asyncio.wait_for(waiter, 1.0)
@@ -112,18 +102,20 @@ async def test_commits_of_one_process_wake_another(fresh_postgres: str) -> None:
 
 
 async def test_a_batch_cut_off_mid_transaction_is_run_again(
-    fresh_postgres: str, store: PostgresStore
+    fresh_postgres: str, postgres_store: PostgresStore
 ) -> None:
     """The connection dies while a write waits on a lock: nothing of it committed, so
     it is run again on a new connection, and applied once."""
-    await store.start_run(new_run(1))
-    (task,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 10, NOW)
+    await postgres_store.start_run(new_run(1))
+    (task,) = await postgres_store.claim_workflow_tasks("q", "w", 10, NOW + 10, NOW)
     locker = await asyncpg.connect(fresh_postgres)
     try:
         tx = locker.transaction()
         await tx.start()
         await locker.execute("SELECT 1 FROM runs WHERE run_id = 'run-1' FOR UPDATE")
-        signal = asyncio.ensure_future(store.signal_run("default", "wf-1", None, "poke", [1], NOW))
+        signal = asyncio.ensure_future(
+            postgres_store.signal_run("default", "wf-1", None, "poke", [1], NOW)
+        )
         deadline = time.monotonic() + 10
         while True:
             blocked = await pg_column(
@@ -140,9 +132,9 @@ async def test_a_batch_cut_off_mid_transaction_is_run_again(
         assert await asyncio.wait_for(signal, 10) == "run-1"
     finally:
         await locker.close()
-    history = await store.read_history("run-1")
+    history = await postgres_store.read_history("run-1")
     assert [e.type for e in history] == ["WorkflowStarted", "SignalReceived"]
-    assert store.stats["retried_operations"] >= 1
+    assert postgres_store.stats["retried_operations"] >= 1
     assert task.run_id == "run-1"
 
 
@@ -177,10 +169,10 @@ async def test_bad_scheme_names_both_backends() -> None:
         await Client.connect("mysql://localhost/tether")
 
 
-async def test_closed_store_refuses_calls(store: PostgresStore) -> None:
-    await store.close()
+async def test_closed_store_refuses_calls(postgres_store: PostgresStore) -> None:
+    await postgres_store.close()
     with pytest.raises(StoreError, match="closed") as e:
-        await store.start_run(new_run(1))
+        await postgres_store.start_run(new_run(1))
     assert not e.value.retryable
 
 

@@ -15,6 +15,7 @@ the operation returns.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -56,6 +57,7 @@ MAX_ROWS = 16
 statement text (and prepared statement), so larger ones go by ``executemany``."""
 
 
+@functools.lru_cache(maxsize=1024)
 def target_table(sql: str) -> str:
     match = _TARGET.match(sql)
     if match is None:
@@ -63,8 +65,15 @@ def target_table(sql: str) -> str:
     return match.group(1).lower()
 
 
+@functools.lru_cache(maxsize=1024)
+def _values_row(sql: str) -> tuple[str, str, str] | None:
+    """An INSERT's text before, at and after its ``VALUES`` row; None if it has none."""
+    match = _ROW.match(sql)
+    return None if match is None else (match[1], match[2], match[3])
+
+
 class DeferredWrites:
-    """The writes of one operation not sent yet; ``flush`` sends them."""
+    """The writes of one operation not sent yet; ``take`` gives the statement to send."""
 
     __slots__ = ("_args", "_members", "_tables")
 
@@ -79,7 +88,7 @@ class DeferredWrites:
     def accepts(self, stmt: Stmt) -> bool:
         """Whether ``stmt`` can join the pending ones (else: flush first, or run it alone)."""
         rows = len(stmt.params)
-        if stmt.kind != WRITE and rows > 1 and (rows > MAX_ROWS or _ROW.match(stmt.sql) is None):
+        if stmt.kind != WRITE and rows > 1 and (rows > MAX_ROWS or _values_row(stmt.sql) is None):
             return False  # many rows, or an UPDATE/DELETE of many: executemany
         size = len(stmt.params) if stmt.kind == WRITE else sum(map(len, stmt.params))
         if size > MAX_ARGS:
@@ -95,9 +104,9 @@ class DeferredWrites:
         if len(rows) == 1:
             self._member(stmt.sql, rows[0])
             return
-        match = _ROW.match(stmt.sql)
-        assert match is not None  # accepts() said so
-        head, row, tail = match.groups()
+        parts = _values_row(stmt.sql)
+        assert parts is not None  # accepts() said so
+        head, row, tail = parts
         self._member(head + ", ".join([row] * len(rows)) + tail, [v for r in rows for v in r])
 
     def _member(self, sql: str, args: Any) -> None:

@@ -6,6 +6,7 @@ same output and fail with the same messages and exit codes.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import functools
@@ -42,7 +43,7 @@ HTTP_SLACK = 15.0
 """Seconds an HTTP request may take beyond the wait it asks the server for."""
 
 
-class Backend:
+class Backend(abc.ABC):
     """Sends API requests; ``call`` answers an endpoint's JSON or raises ``CliError``.
 
     ``path`` is a list of segments after ``/api/v1/namespaces/{namespace}/``; each is
@@ -52,11 +53,11 @@ class Backend:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
 
+    @abc.abstractmethod
     def _send(
         self, method: str, target: str, body: bytes | None, timeout: float | None
     ) -> contextlib.AbstractContextManager[tuple[int, Iterator[bytes]]]:
         """Send one request (``target`` is the path and query); the status and body chunks."""
-        raise NotImplementedError
 
     def _target(self, path: list[str], params: dict[str, list[str]] | None) -> str:
         segments = "/".join(urllib.parse.quote(p, safe="") for p in path)
@@ -103,8 +104,8 @@ class Backend:
                             raise CliError(event.get("message") or "the history stream failed")
                         yield event
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (nothing to release unless a backend holds some)
+        """Release what the backend holds (the in-process app's event loop, say)."""
 
     def __enter__(self) -> Backend:
         return self
