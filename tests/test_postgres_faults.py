@@ -1,7 +1,7 @@
-"""Fault injection on PostgreSQL: 1,000 workflows with 0.5% of store calls failing.
+"""Fault injection on PostgreSQL: 1,000 workflows with 1% of store calls failing.
 
-Two worker processes run with ``TETHER_FAULT_RATE=0.005``, and so does the test's own
-client: one store call in 200 fails, most before doing anything, some after their
+Two worker processes run with ``TETHER_FAULT_RATE=0.01``, and so does the test's own
+client: one store call in 100 fails, most before doing anything, some after their
 commit with the result lost. The client repeats what failed (a start with the same
 request id); the workers cope on their own (retries, lease tokens, task versions).
 Every workflow completes with the right result, once, every activity ran exactly
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 WORKFLOWS = 1000
 STEPS = 3
-RATE = 0.005
+RATE = 0.01  # high enough that each worker sees both kinds of fault (~10 of each)
 
 
 @pytest.fixture
