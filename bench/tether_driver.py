@@ -42,7 +42,9 @@ from tether.client import WorkflowHandle
 PROFILE_ENV = "BENCH_PROFILE_A"
 """If set, py-spy records the worker during workload A into this file."""
 PROFILE_IDLE_ENV = "BENCH_PROFILE_IDLE"
-"""If set (with ``BENCH_PROFILE_A``), py-spy records waiting threads too."""
+"""If set (with ``BENCH_PROFILE_A`` or ``_E``), py-spy records waiting threads too."""
+PROFILE_E_ENV = "BENCH_PROFILE_E"
+"""If set, py-spy records the worker while E's workflows wake, into this file."""
 
 
 class WorkerProcess:
@@ -289,7 +291,10 @@ async def run_e(args: DriverArgs, store_size: Callable[[], Awaitable[float]]) ->
         await asyncio.sleep(max(0.0, min(1.0, (due - time.time()) / 2)))
         rss_asleep = procs.rss_mib(worker.pid)
         store_mib = await store_size()
-        await _until(lambda: tasks() >= 2 * n, due + 900, poll=0.05)
+        profile = os.environ.get(PROFILE_E_ENV)
+        idle = bool(os.environ.get(PROFILE_IDLE_ENV))
+        with py_spy(worker.pid, Path(profile) if profile else None, idle):
+            await _until(lambda: tasks() >= 2 * n, due + 900, poll=0.05)
         wakes = await _results(handles)
         rss_peak = procs.peak_rss_mib(worker.pid)
         await client.close()

@@ -119,3 +119,26 @@ async def test_an_idle_worker_leaves_no_store_waiters_behind(tmp_path: Path) -> 
             assert len(pending) <= 4  # at most one per loop that is waiting right now
     finally:
         await env.shutdown()
+
+
+async def test_an_idle_worker_does_not_claim_after_each_task(env: WorkflowEnvironment) -> None:
+    """A finished task frees a slot, but without work left behind by the last claim,
+    the worker waits for new work instead of claiming again (a claim is a transaction)."""
+    store = env.client.store
+    claim = store.claim_workflow_tasks
+    empty_claims = 0
+
+    async def counting(*args: object) -> object:
+        nonlocal empty_claims
+        tasks = await claim(*args)  # type: ignore[arg-type]
+        empty_claims += not tasks
+        return tasks
+
+    store.claim_workflow_tasks = counting  # type: ignore[method-assign]
+    began = time.monotonic()
+    async with Worker(env.client, task_queue="test", workflows=[Counter], activities=[increment]):
+        for i in range(5):  # 5 runs of 9 workflow tasks each, one at a time
+            assert await env.client.execute_workflow(Counter, i, id=f"i{i}", task_queue="test")
+    # The first look at start, a look when a timer falls due, and at most one poll a
+    # second while idle (_IDLE_POLL); not one per task (45 tasks).
+    assert empty_claims <= 3 + (time.monotonic() - began), empty_claims

@@ -107,7 +107,7 @@ async def test_kills_and_a_database_restart_lose_nothing(
     await asyncio.gather(*(workers.wait_ready(w) for w in live))
 
     ids = [f"wf-{i:04d}" for i in range(WORKFLOWS)]
-    job = Job(str(ledger), STEPS, min_sleep=0.02, max_sleep=0.1, signals=1)
+    job = Job(str(ledger), STEPS, min_sleep=0.05, max_sleep=0.2, signals=1)
     handles = await start_all(client, job, ids)
     started_at = time.monotonic()
     total = WORKFLOWS * STEPS

@@ -13,6 +13,7 @@ from tether import Client, InvalidArgumentError, StoreError, Worker, workflow
 from tether._store.base import NewRun
 from tether._store.pg_statements import translate
 from tether._store.postgres import PostgresStore, redact
+from tether._store.sql import ONE, Op, Stmt
 
 NOW = 1_000_000.0
 
@@ -214,3 +215,20 @@ async def test_a_due_timer_locked_elsewhere_does_not_make_the_timer_loop_spin(
     finally:
         await locker.close()
         await client.close()
+
+
+def _synchronous_commit() -> Op[str]:
+    row = yield Stmt(ONE, "SHOW synchronous_commit", ())
+    return str(row[0])
+
+
+async def test_lease_only_writes_commit_without_waiting_for_the_wal(
+    postgres_store: PostgresStore,
+) -> None:
+    """A transaction of lease-only writes commits asynchronously; every other write,
+    before and after it, synchronously (the server's setting stays on)."""
+    store = postgres_store
+    assert await store._execute(_synchronous_commit, writes=True) == "on"
+    assert await store._execute_lease(_synchronous_commit) == "off"
+    assert await store._execute(_synchronous_commit, writes=True) == "on"
+    assert await store._execute(_synchronous_commit, writes=False) == "on"

@@ -13,12 +13,15 @@ from tether._store.base import (
     CLAIM_HISTORY_EVENTS,
     TIMER_FIRED,
     TIMER_STARTED,
+    UPDATE_ACCEPTED,
     WORKFLOW_COMPLETED,
     WORKFLOW_TASK_COMPLETED,
     NewActivity,
     NewRun,
     RunClose,
     Store,
+    UpdateRequest,
+    UpdateState,
     WorkflowTask,
     WorkflowTaskCompletion,
 )
@@ -103,6 +106,9 @@ async def test_closed_id_can_be_reused(store: Store) -> None:
         "w1",
         NOW,
     )
+    # The first start's request, repeated after its run closed, gets that run.
+    repeated = await store.start_run(new_run(run_id="run-x", request_id="req-1"))
+    assert (repeated.run_id, repeated.created) == ("run-1", False)
     # Started after the first closed (same creation times would leave "latest" a tie).
     reuse = dataclasses.replace(new_run(run_id="run-2", request_id="req-2"), now=NOW + 1)
     second = await store.start_run(reuse)
@@ -252,6 +258,38 @@ async def test_inbound_event_during_task_keeps_task_queued(store: Store) -> None
     assert (await claim_one(store, now=NOW + 6)).task_version == result.task_version
 
 
+async def test_many_timers_fire_together(store: Store) -> None:
+    """Timers of many runs fire in one call (more than one statement's worth of runs);
+    then two timers of one run fire in one call, in firing order."""
+    runs = [f"run-{i}" for i in range(70)]
+    for i, run_id in enumerate(runs):
+        await store.start_run(new_run(f"wf-{i}", run_id, f"req-{i}"))
+    tasks = await store.claim_workflow_tasks("q", "w1", 100, NOW + LEASE, NOW)
+    assert len(tasks) == len(runs)
+    for task in tasks:
+        timers = [(1, NOW + 5)]
+        if task.run_id == "run-0":
+            timers += [(3, NOW + 6.5), (2, NOW + 6)]
+        sleep = WorkflowTaskCompletion(
+            task=task,
+            events=[(TIMER_STARTED, {"seq": seq, "fire_at": at}) for seq, at in timers],
+            inputs_through=1,
+            timers=timers,
+        )
+        await store.complete_workflow_task(sleep, "w1", NOW)
+    assert await store.fire_due_timers(NOW + 5, 500) == len(runs)
+    assert await store.fire_due_timers(NOW + 5, 500) == 0
+    assert await store.fire_due_timers(NOW + 7, 500) == 2
+    claimed = await store.claim_workflow_tasks("q", "w1", 100, NOW + 7 + LEASE, NOW + 7)
+    assert sorted(t.run_id for t in claimed) == sorted(runs)
+    for run_id in runs:
+        history = await store.read_history(run_id)
+        assert [e.seq for e in history] == list(range(1, len(history) + 1)), run_id
+        want = [1, 2, 3] if run_id == "run-0" else [1]
+        fired = history[-len(want) :]
+        assert [(e.type, e.data["seq"]) for e in fired] == [(TIMER_FIRED, s) for s in want]
+
+
 async def test_closing_a_run_removes_its_pending_work(store: Store) -> None:
     await store.start_run(new_run())
     task = await claim_one(store)
@@ -398,3 +436,50 @@ async def test_activity_result_with_a_lost_lease_continues_nothing(store: Store)
         )
     assert len(await store.read_history("run-1")) == done.history_length
     assert (await store.get_run("default", "wf", None)).status == "running"
+
+
+async def test_payloads_keep_big_integers_non_finite_floats_and_text(store: Store) -> None:
+    """What the converter accepts comes back from the store unchanged."""
+    args = [2**80, -(2**70), 0.1, 1e16, float("inf"), 'é ☃ \u0000 "q"', {"k": [None, True]}]
+    run = dataclasses.replace(new_run(), args=[*args, float("nan")])
+    await store.start_run(run)
+    (started,) = await store.read_history("run-1")
+    *back, nan = started.data["args"]
+    assert back == args
+    assert [type(v) for v in back] == [type(v) for v in args]
+    assert nan != nan  # NaN
+
+
+async def test_deeply_nested_payloads_read_back(store: Store) -> None:
+    """Nesting the converter accepts (deeper than some JSON parsers allow) reads back,
+    with the claim and from the history."""
+    deep: object = "bottom"
+    for _ in range(240):
+        deep = [deep]
+    await store.start_run(dataclasses.replace(new_run(), args=[deep]))
+    task = await claim_one(store)
+    assert task.history is not None and task.history[0].data["args"] == [deep]
+    assert (await store.read_history("run-1"))[0].data["args"] == [deep]
+
+
+async def test_an_update_accepted_by_the_closing_task_is_rejected(store: Store) -> None:
+    """The task that accepts an update and closes the run leaves no update waiting:
+    closing rejects what is still open, after the task's own update states."""
+    await store.start_run(new_run())
+    request = UpdateRequest("u1", "add", [1])
+    await store.request_update("default", "wf", None, request, NOW)
+    task = await claim_one(store)
+    closing = WorkflowTaskCompletion(
+        task=task,
+        events=[
+            (UPDATE_ACCEPTED, {"update_id": "u1", "name": "add", "args": [1]}),
+            (WORKFLOW_COMPLETED, {"result": None}),
+        ],
+        inputs_through=task.history_length,
+        updates=[UpdateState("run-1", "u1", "accepted")],
+        close=RunClose(status="completed"),
+    )
+    await store.complete_workflow_task(closing, "w1", NOW)
+    state = await store.get_update("run-1", "u1")
+    assert state is not None and state.state == "rejected"
+    assert state.failure is not None and state.failure["type"] == "WorkflowClosed"

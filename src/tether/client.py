@@ -21,6 +21,7 @@ from tether._runtime.clock import Clock
 from tether._runtime.connection import open_store
 from tether._runtime.definitions import HANDLER_ATTR, WorkflowDefinition, workflow_definition
 from tether._runtime.failures import from_failure
+from tether._runtime.ids import new_run_id
 from tether._runtime.instance import STACK_TRACE_QUERY
 from tether._store.base import (
     COMPLETED,
@@ -529,7 +530,7 @@ class _StartPlan:
         return NewRun(
             namespace=client.namespace,
             workflow_id=self.workflow_id,
-            run_id=str(uuid.uuid4()),
+            run_id=new_run_id(),
             workflow_type=self.workflow_type,
             task_queue=self.task_queue,
             args=self.payload,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,7 +51,7 @@ class PayloadConverter:
         # (the longest JSON escape) plus the quotes, so it needs no measuring.
         if isinstance(data, str) and len(data) <= min(1024, (self.max_payload_bytes - 2) // 12):
             return data
-        size = len(json.dumps(data, separators=(",", ":")).encode())
+        size = len(pydantic_core.to_json(data, inf_nan_mode="constants"))
         if size > self.max_payload_bytes:
             raise PayloadError(
                 f"{what}: payload is {size} bytes, over the limit of {self.max_payload_bytes} "

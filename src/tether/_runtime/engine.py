@@ -23,7 +23,6 @@ import os
 import secrets
 import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ from tether._runtime.activity_context import current as current_activity
 from tether._runtime.clock import Clock
 from tether._runtime.definitions import ActivityDefinition, WorkflowDefinition
 from tether._runtime.failures import to_failure
+from tether._runtime.ids import new_run_id
 from tether._runtime.instance import (
     Command,
     WorkflowInfo,
@@ -94,9 +94,11 @@ _FIRST_TASK_WAIT = 5.0
 """How long a query waits for a new run's first workflow task before answering anyway."""
 
 _IDLE_POLL = 1.0
-_BUSY_RETRY = 0.05
-_ENDED_WITHOUT_TASK = (WORKFLOW_TERMINATED, WORKFLOW_TIMED_OUT)
 """Longest sleep of an idle loop; store notifications usually wake it much sooner."""
+_BUSY_RETRY = 0.05
+"""Wait before looking again at a due timer that another transaction holds."""
+_ENDED_WITHOUT_TASK = (WORKFLOW_TERMINATED, WORKFLOW_TIMED_OUT)
+"""Last events of a run that closed without running a workflow task."""
 
 
 _worker_numbers = itertools.count(1)
@@ -159,6 +161,8 @@ class Engine:
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._kicks: dict[Change, asyncio.Future[None]] = {}  # by the loop's kind of work
+        self._backlog = Change.WORKFLOW_TASK | Change.ACTIVITY_TASK
+        """Kinds of task whose last claim took all it could: a freed slot claims again."""
         self.stats = collections.Counter[str]()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -301,6 +305,7 @@ class Engine:
         async def step() -> float | None:
             free = self.max_workflow_tasks - len(self._workflow_tasks)
             if free <= 0:
+                self._backlog |= Change.WORKFLOW_TASK
                 return _IDLE_POLL
             now = self.clock.now()
             tasks = await self.store.claim_workflow_tasks(
@@ -308,7 +313,7 @@ class Engine:
             )
             for task in tasks:
                 self._spawn_workflow_task(task)
-            return None if len(tasks) == free else _IDLE_POLL
+            return self._claimed(Change.WORKFLOW_TASK, len(tasks) == free)
 
         await self._guarded("workflow", step, Change.WORKFLOW_TASK)
 
@@ -339,10 +344,24 @@ class Engine:
         self._workflow_tasks[t] = task
         t.add_done_callback(self._workflow_task_done)
 
+    def _claimed(self, kind: Change, full: bool) -> float | None:
+        """After a claim of ``kind``: look again at once if it took all it could (more
+        may be waiting), else wait for new work."""
+        if full:
+            self._backlog |= kind
+            return None
+        self._backlog &= ~kind
+        return _IDLE_POLL
+
+    def _slot_freed(self, kind: Change) -> None:
+        # Only worth a claim if the last one left work behind: new work wakes the loop
+        # by itself (store changes), and a claim that finds nothing costs a transaction.
+        if not self._stopping and self._backlog & kind:
+            self._wake(kind)
+
     def _workflow_task_done(self, t: asyncio.Task[None]) -> None:
         self._workflow_tasks.pop(t, None)
-        if not self._stopping:
-            self._wake(Change.WORKFLOW_TASK)  # a slot is free: the claim loop may want it
+        self._slot_freed(Change.WORKFLOW_TASK)
 
     async def _run_workflow_task(
         self, task: WorkflowTask, prefetched: tuple[int, list[Event]] | None = None
@@ -475,7 +494,7 @@ class Engine:
                 completion.continue_as_new = NewRun(
                     namespace=task.namespace,
                     workflow_id=task.workflow_id,
-                    run_id=str(uuid.uuid4()),
+                    run_id=new_run_id(),
                     workflow_type=task.workflow_type,
                     task_queue=inst.info.task_queue,
                     args=data["args"],
@@ -488,7 +507,7 @@ class Engine:
                     NewRun(
                         namespace=task.namespace,
                         workflow_id=data["workflow_id"],
-                        run_id=str(uuid.uuid4()),
+                        run_id=new_run_id(),
                         workflow_type=data["workflow_type"],
                         task_queue=data["task_queue"],
                         args=data["args"],
@@ -614,6 +633,7 @@ class Engine:
         async def step() -> float | None:
             free = self._free_activity_slots()
             if free <= 0:
+                self._backlog |= Change.ACTIVITY_TASK
                 return _IDLE_POLL
             now = self.clock.now()
             # Hold the slots while the claim is in flight, or eager dispatch from a
@@ -627,7 +647,7 @@ class Engine:
                 self._activity_slots_reserved -= free
             for task in tasks:
                 self._start_activity(task)
-            return None if len(tasks) == free else _IDLE_POLL
+            return self._claimed(Change.ACTIVITY_TASK, len(tasks) == free)
 
         await self._guarded("activity", step, Change.ACTIVITY_TASK)
 
@@ -638,8 +658,7 @@ class Engine:
 
     def _activity_done(self, t: asyncio.Task[None]) -> None:
         self._activity_tasks.pop(t, None)
-        if not self._stopping:
-            self._wake(Change.ACTIVITY_TASK)  # a slot is free
+        self._slot_freed(Change.ACTIVITY_TASK)
 
     async def _run_activity(self, task: ActivityTask) -> None:
         opts = task.options

@@ -208,7 +208,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self.cancel_requested = False
         self.poisoned = False
         """A query changed state: the instance must not be used for tasks any more."""
-        self._random = random.Random(0)
+        self._seed = 0
+        self._random: random.Random | None = None
+        """Built on first use from ``_seed``: seeding costs more than most replays."""
         self._evicted = False
         self.workflow_object: Any = None
         self._committed = (0, -1)
@@ -337,7 +339,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def _deliver(self, event: Event) -> None:
         data = event.data
         if event.type == WORKFLOW_STARTED:
-            self._random.seed(data["seed"])
+            self._seed = data["seed"]
             self._start_main(data["args"])
         elif event.type == TIMER_FIRED:
             timer = self._timers.pop(data["seq"], None)
@@ -746,10 +748,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         return self._now
 
     def random(self) -> random.Random:
+        if self._random is None:
+            self._random = random.Random(self._seed)
         return self._random
 
     def uuid4(self) -> uuid.UUID:
-        return uuid.UUID(int=self._random.getrandbits(128), version=4)
+        return uuid.UUID(int=self.random().getrandbits(128), version=4)
 
     # -- the asyncio event loop interface ------------------------------------------
     def time(self) -> float:

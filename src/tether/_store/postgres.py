@@ -64,7 +64,8 @@ subtransactions per transaction beyond which PostgreSQL slows down for everyone.
 
 _MAX_DUPLICATE_RETRIES = 5
 
-_WRITE_PREFIXES = ("INSERT", "UPDATE", "DELETE")
+_READ_PREFIXES = ("SELECT", "SHOW")
+"""Statements that cannot write; any other (``WITH`` over an ``INSERT``...) may."""
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes TimeoutError
@@ -154,7 +155,8 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
                 elif pending.accepts(stmt):
                     pending.add(stmt)
                 else:
-                    await _flush(pending, conn, done)
+                    if pending:
+                        await _flush(pending, conn, done)
                     if pending.accepts(stmt):
                         pending.add(stmt)
                     else:
@@ -166,10 +168,12 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
                 sql = translate(stmt.sql)
                 if kind == ONE:
                     result = await conn.fetchrow(sql, *stmt.params)
-                    if result is not None and stmt.sql.startswith(_WRITE_PREFIXES):
+                    if result is not None and not stmt.sql.startswith(_READ_PREFIXES):
                         done.wrote = True
                 elif kind == ALL:
                     result = await conn.fetch(sql, *stmt.params)
+                    if result and not stmt.sql.startswith(_READ_PREFIXES):
+                        done.wrote = True
                 else:
                     result = _rowcount(await conn.execute(sql, *stmt.params))
                     if result:
@@ -201,12 +205,16 @@ class _Attempts:
 
 
 class _Write(_Attempts):
-    __slots__ = ("fut", "make")
+    __slots__ = ("durable", "fut", "make")
 
-    def __init__(self, make: Callable[[], Op[Any]], fut: asyncio.Future[Any]) -> None:
+    def __init__(
+        self, make: Callable[[], Op[Any]], fut: asyncio.Future[Any], durable: bool = True
+    ) -> None:
         super().__init__()
         self.make = make
         self.fut = fut
+        self.durable = durable
+        """False for lease-only writes: their commit need not wait for the WAL flush."""
 
 
 _Results = list[tuple[_Write, bool, Any]]
@@ -369,14 +377,14 @@ class PostgresStore(SqlStore):
         await listening
 
     # -- executing operations ----------------------------------------------------------
-    async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
+    async def _execute(self, make: Callable[[], Op[T]], writes: bool, durable: bool = True) -> T:
         if self._closed:
             raise StoreError("the store is closed", retryable=False)
         if self.faults is not None:
             self.faults.before(writes)
         if writes:
             fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-            self._queue.put_nowait(_Write(make, fut))
+            self._queue.put_nowait(_Write(make, fut, durable))
             value = await fut
         else:
             value = await self._read(make)
@@ -504,9 +512,17 @@ class PostgresStore(SqlStore):
         changes = 0
         committing = False
         pending = batch
+        # Only leases in this batch: commit without waiting for the WAL flush. Losing
+        # one in a crash equals its lease running out, and the WAL is in order: a later
+        # synchronous commit flushes it too. Everything else commits synchronously.
+        begin = (
+            "BEGIN; SET LOCAL synchronous_commit = off"
+            if not any(w.durable for w in batch)
+            else "BEGIN"
+        )
         try:
             while True:
-                await conn.execute("BEGIN")
+                await conn.execute(begin)
                 outcome = await self._run_ops(conn, pending, isolate=False)
                 if not isinstance(outcome, _Failed):
                     break
@@ -610,6 +626,9 @@ class PostgresStore(SqlStore):
                 write.fut.set_exception(value)
 
     # -- notifications -------------------------------------------------------------------
+    async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
+        return await self._execute(make, writes=True, durable=False)
+
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         return self._waiters.add(changes)
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import pydantic_core
+
 from tether._store.base import (
     ACTIVITY_COMPLETED,
     CHILD_WORKFLOW_COMPLETED,
@@ -116,15 +118,22 @@ class Dialect:
         return "FOR UPDATE" if self.row_locks else ""
 
 
-_DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
 def dumps(value: Any) -> str:
-    return _DUMPS(value)
+    # pydantic-core's JSON (Rust) is several times faster than the json module's, and
+    # like it keeps big integers, NaN and infinities.
+    return pydantic_core.to_json(value, inf_nan_mode="constants").decode()
+
+
+def _parse(text: str) -> Any:
+    try:
+        return pydantic_core.from_json(text, allow_inf_nan=True)
+    except ValueError:
+        # pydantic-core stops at 200 levels of nesting; what was written must read back.
+        return json.loads(text)
 
 
 def loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else _parse(text)
 
 
 _RUN_COLUMNS = (
@@ -147,6 +156,21 @@ _FAMILY = (
 _ADVANCED = f"inbound_seq, task_version, {_FAMILY}"
 """What a completion needs back from the UPDATE that advances its run (after the first
 seq of its events): the inputs watermark, the new version, and the run's family."""
+
+_CLAIMED_TASK = (
+    "t.run_id, r.workflow_id, r.workflow_type, r.namespace, t.attempt, r.task_version, "
+    "r.next_seq, EXISTS (SELECT 1 FROM updates u WHERE u.run_id = t.run_id "
+    "AND u.state = 'requested')"
+)
+"""What a worker needs of a claimed workflow task (``t``: the task, ``r``: its run)."""
+
+_INLINE_ROWS = 16
+"""Most rows of one kind a completion writes inline (each count is a statement shape)."""
+
+
+_ID_CHUNK = 64
+_ID_LIST = ", ".join(["?"] * _ID_CHUNK)
+"""Run ids given to one ``IN (...)`` list, padded with NULLs: one statement shape."""
 
 _END_ACTIVITY = (
     "DELETE FROM activity_tasks WHERE run_id = ? AND seq = ? AND token = ? "
@@ -183,8 +207,8 @@ def _activity(row: Any) -> ActivityTask:
         seq=row[3],
         activity_type=row[4],
         task_queue=row[5],
-        args=json.loads(row[6]),
-        options=json.loads(row[7]),
+        args=_parse(row[6]),
+        options=_parse(row[7]),
         attempt=row[8],
         scheduled_at=row[9],
         heartbeat_details=loads(row[10]),
@@ -211,6 +235,14 @@ class SqlStore(Store):
         (reads), and return its value. A backend may call ``make`` again to re-run the
         operation after rolling back a batch."""
 
+    async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
+        """``_execute`` a write that only takes or extends leases. Losing it in a crash
+        is the same as the lease running out (the work is claimed again, at-least-once
+        as ever; only the claim's attempt count is not kept), so a backend may commit it
+        without waiting for the disk; any later durable commit makes it durable too.
+        Never for anything a caller is told has been recorded."""
+        return await self._execute(make, writes=True)
+
     def _token(self) -> str:
         """A lease token unique across processes (random prefix) without a syscall each."""
         return f"{self._token_prefix}{next(self._token_counter):x}"
@@ -220,6 +252,11 @@ class SqlStore(Store):
         return await self._execute(lambda: self._start_run(run), writes=True)
 
     def _start_run(self, run: NewRun) -> Op[StartOutcome]:
+        if run.reuse_policy == "allow_duplicate" and (yield from self._insert_run(run, True)):
+            # The common case, in one statement where the dialect allows: no run of this
+            # workflow id is running and this request created none (unique indexes).
+            yield from self._deliver_with_start(run.run_id, run)
+            return StartOutcome(run_id=run.run_id, created=True)
         # A repeated request (a client retrying after a lost reply) gets the run it
         # created, even if that run has closed since: never start the work twice.
         # (One statement: this request's runs, newest first, and the running run.)
@@ -268,33 +305,73 @@ class SqlStore(Store):
         yield from self._deliver_with_start(run.run_id, run)
         return StartOutcome(run_id=run.run_id, created=True)
 
-    def _insert_run(self, run: NewRun) -> Op[None]:
-        yield Stmt(
-            WRITE,
-            "INSERT INTO runs (run_id, namespace, workflow_id, workflow_type, task_queue, "
-            "status, request_id, created_at, next_seq, inbound_seq, memo, search_attributes, "
-            "execution_deadline, run_timeout, parent_run_id, parent_seq, parent_close_policy) "
-            "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, 2, 1, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                run.run_id,
-                run.namespace,
-                run.workflow_id,
-                run.workflow_type,
-                run.task_queue,
-                run.request_id,
-                run.now,
-                None if run.memo is None else dumps(run.memo),
-                None if run.search_attributes is None else dumps(run.search_attributes),
-                run.execution_deadline,
-                run.run_timeout,
-                run.parent_run_id,
-                run.parent_seq,
-                run.parent_close_policy,
-            ),
+    def _insert_run(self, run: NewRun, unless_conflict: bool = False) -> Op[bool]:
+        """Insert a new run with its first event and task; whether it was inserted.
+
+        ``unless_conflict``: insert nothing, instead of failing, if the workflow id has a
+        running run (its unique index) or a run of this start request."""
+        columns = (
+            "run_id, namespace, workflow_id, workflow_type, task_queue, status, request_id, "
+            "created_at, next_seq, inbound_seq, memo, search_attributes, execution_deadline, "
+            "run_timeout, parent_run_id, parent_seq, parent_close_policy"
+        )
+        values = "?, ?, ?, ?, ?, 'running', ?, ?, 2, 1, ?, ?, ?, ?, ?, ?, ?"
+        row: tuple[Any, ...] = (
+            run.run_id,
+            run.namespace,
+            run.workflow_id,
+            run.workflow_type,
+            run.task_queue,
+            run.request_id,
+            run.now,
+            None if run.memo is None else dumps(run.memo),
+            None if run.search_attributes is None else dumps(run.search_attributes),
+            run.execution_deadline,
+            run.run_timeout,
+            run.parent_run_id,
+            run.parent_seq,
+            run.parent_close_policy,
         )
         deadlines = [d for d in (run.execution_deadline,) if d is not None]
         if run.run_timeout is not None:
             deadlines.append(run.now + run.run_timeout)
+        started = dumps(
+            {
+                "workflow_id": run.workflow_id,
+                "workflow_type": run.workflow_type,
+                "task_queue": run.task_queue,
+                "args": run.args,
+                "seed": run.seed,
+                "namespace": run.namespace,
+                "memo": run.memo,
+                "search_attributes": run.search_attributes,
+                "parent_run_id": run.parent_run_id,
+            }
+        )
+        insert = f"INSERT INTO runs ({columns}) VALUES ({values})"
+        if unless_conflict:
+            insert = (
+                f"INSERT INTO runs ({columns}) SELECT {values} WHERE NOT EXISTS (SELECT 1 "
+                "FROM runs WHERE namespace = ? AND workflow_id = ? AND request_id = ?) "
+                "ON CONFLICT DO NOTHING"
+            )
+            row = (*row, run.namespace, run.workflow_id, run.request_id)
+        if unless_conflict and self.dialect.writes_in_with and not deadlines:
+            # One round trip: the dependent inserts take the run's row only if it went in.
+            inserted = yield Stmt(
+                ONE,
+                f"WITH r AS ({insert} RETURNING run_id), h AS (INSERT INTO history "
+                "(run_id, seq, type, time, data) SELECT run_id, 1, ?, ?, ? FROM r), "
+                "t AS (INSERT INTO workflow_tasks (run_id, task_queue, visible_at) "
+                "SELECT run_id, ?, ? FROM r) SELECT count(*) FROM r",
+                (*row, WORKFLOW_STARTED, run.now, started, run.task_queue, run.now),
+            )
+            if not inserted[0]:
+                return False
+            yield touch(Change.WORKFLOW_TASK)
+            return True
+        if not (yield Stmt(EXEC, insert, row)):
+            return False
         yield touch(Change.WORKFLOW_TASK | (Change.TIMER if deadlines else 0))
         if deadlines:
             # Timer seq 0 is the run's own deadline: firing it closes the run as timed out.
@@ -303,27 +380,17 @@ class SqlStore(Store):
                 "INSERT INTO timers (run_id, seq, fire_at) VALUES (?, 0, ?)",
                 (run.run_id, min(deadlines)),
             )
-        data = {
-            "workflow_id": run.workflow_id,
-            "workflow_type": run.workflow_type,
-            "task_queue": run.task_queue,
-            "args": run.args,
-            "seed": run.seed,
-            "namespace": run.namespace,
-            "memo": run.memo,
-            "search_attributes": run.search_attributes,
-            "parent_run_id": run.parent_run_id,
-        }
         yield Stmt(
             WRITE,
             "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, 1, ?, ?, ?)",
-            (run.run_id, WORKFLOW_STARTED, run.now, dumps(data)),
+            (run.run_id, WORKFLOW_STARTED, run.now, started),
         )
         yield Stmt(
             WRITE,
             "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?)",
             (run.run_id, run.task_queue, run.now),
         )
+        return True
 
     def _deliver_with_start(self, run_id: str, run: NewRun) -> Op[None]:
         if run.signal is not None:
@@ -473,7 +540,7 @@ class SqlStore(Store):
                 "ORDER BY seq",
                 (run_id, after_seq),
             )
-            return [Event(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+            return [Event(r[0], r[1], r[2], _parse(r[3])) for r in rows]
 
         return await self._execute(op, writes=False)
 
@@ -552,50 +619,53 @@ class SqlStore(Store):
             )
             if not claimed:
                 return []
+            # Read back after leasing, in a statement of its own: on PostgreSQL a newer
+            # snapshot than the lease's, so a run that another worker advanced just
+            # before the lease is read as it is now. Short histories come along: a
+            # worker without the run in its cache (new, evicted) needs no other read.
             rows = yield Stmt(
                 ALL,
-                "SELECT t.run_id, r.workflow_id, r.workflow_type, r.namespace, t.attempt, "
-                "r.task_version, r.next_seq, EXISTS (SELECT 1 FROM updates u "
-                "WHERE u.run_id = t.run_id AND u.state = 'requested') "
-                "FROM workflow_tasks t JOIN runs r ON r.run_id = t.run_id "
+                f"SELECT {_CLAIMED_TASK}, h.seq, h.type, h.time, h.data FROM workflow_tasks t "
+                "JOIN runs r ON r.run_id = t.run_id LEFT JOIN history h "
+                "ON h.run_id = t.run_id AND r.next_seq <= ? "
                 "WHERE t.task_queue = ? AND t.visible_at = ? AND t.token = ? "
-                "ORDER BY r.created_at",
-                (task_queue, lease_until, token),
+                "ORDER BY r.created_at, t.run_id, h.seq",
+                (CLAIM_HISTORY_EVENTS + 1, task_queue, lease_until, token),
             )
-            tasks = [
-                WorkflowTask(
-                    run_id=run_id,
-                    workflow_id=wf_id,
-                    workflow_type=wf_type,
-                    task_queue=task_queue,
-                    namespace=ns,
-                    token=token,
-                    attempt=attempt,
-                    task_version=version,
-                    history_length=next_seq - 1,
-                    has_updates=bool(updates),
-                )
-                for run_id, wf_id, wf_type, ns, attempt, version, next_seq, updates in rows
-            ]
-            if any(t.history_length <= CLAIM_HISTORY_EVENTS for t in tasks):
-                # Short histories come with the claim: a worker without the run in its
-                # cache (a new run, an evicted one) needs no separate read.
-                events = yield Stmt(
-                    ALL,
-                    "SELECT h.run_id, h.seq, h.type, h.time, h.data FROM workflow_tasks t "
-                    "JOIN runs r ON r.run_id = t.run_id JOIN history h ON h.run_id = t.run_id "
-                    "WHERE t.task_queue = ? AND t.visible_at = ? AND t.token = ? "
-                    "AND r.next_seq <= ? ORDER BY h.run_id, h.seq",
-                    (task_queue, lease_until, token, CLAIM_HISTORY_EVENTS + 1),
-                )
-                by_run: dict[str, list[Event]] = {}
-                for run_id, seq, kind, at, data in events:
-                    by_run.setdefault(run_id, []).append(Event(seq, kind, at, json.loads(data)))
-                for t in tasks:
-                    t.history = by_run.get(t.run_id)
-            return tasks
+            return self._claimed_tasks(task_queue, token, rows)
 
-        return await self._execute(op, writes=True)
+        return await self._execute_lease(op)
+
+    @staticmethod
+    def _claimed_tasks(task_queue: str, token: str, rows: list[Any]) -> list[WorkflowTask]:
+        """Workflow tasks from rows of ``_CLAIMED_TASK`` columns, each optionally followed
+        by one history event's (seq, type, time, data); rows of a task are adjacent."""
+        tasks: list[WorkflowTask] = []
+        for row in rows:
+            run_id = row[0]
+            if not tasks or tasks[-1].run_id != run_id:
+                tasks.append(
+                    WorkflowTask(
+                        run_id=run_id,
+                        workflow_id=row[1],
+                        workflow_type=row[2],
+                        task_queue=task_queue,
+                        namespace=row[3],
+                        token=token,
+                        attempt=row[4],
+                        task_version=row[5],
+                        history_length=row[6] - 1,
+                        has_updates=bool(row[7]),
+                    )
+                )
+            if len(row) > 8 and row[8] is not None:
+                event = Event(row[8], row[9], row[10], _parse(row[11]))
+                task = tasks[-1]
+                if task.history is None:
+                    task.history = [event]
+                else:
+                    task.history.append(event)
+        return tasks
 
     async def complete_workflow_task(
         self, completion: WorkflowTaskCompletion, owner: str, now: float
@@ -611,21 +681,48 @@ class SqlStore(Store):
         still at ``c.task.task_version``: checked and advanced in one statement."""
         task = c.task
         events = self._task_events(c)
-        row = yield Stmt(
-            ONE,
+        close_sql, close_params = self._close_columns(c, now)
+        advance = (
             "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
-            "next_seq = next_seq + ? WHERE run_id = ? AND task_version = ? "
+            f"next_seq = next_seq + ?{close_sql} WHERE run_id = ? AND task_version = ? "
             "AND status = 'running' AND EXISTS (SELECT 1 FROM workflow_tasks w "
             "WHERE w.run_id = runs.run_id AND w.token = ?) "
-            f"RETURNING next_seq - ?, {_ADVANCED}",
-            (len(events), task.run_id, task.task_version, task.token, len(events)),
+            f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children"
         )
+        params = (len(events), *close_params, task.run_id, task.task_version, task.token)
+        inline = self._inline_writes(c, owner, now, events, "a", task_queued=True)
+        if inline is not None:  # one statement for the whole completion
+            ctes, inline_params, done = inline
+            row = yield Stmt(
+                ONE,
+                f"WITH a AS ({advance}){ctes} SELECT first, inbound_seq, task_version, "
+                "parent_run_id, parent_seq, has_children FROM a",
+                (*params, len(events), *inline_params),
+            )
+        else:
+            done = None
+            row = yield Stmt(ONE, advance, (*params, len(events)))
         if row is None:
             raise StaleTaskError(
                 f"workflow task of run {task.run_id} is no longer leased by this worker "
                 f"(or the run advanced past task version {task.task_version})"
             )
-        return (yield from self._record_task(c, owner, now, events, row, task_queued=True))
+        return (yield from self._record_task(c, owner, now, events, row, True, done))
+
+    @staticmethod
+    def _close_columns(c: WorkflowTaskCompletion, now: float) -> tuple[str, tuple[Any, ...]]:
+        """What a completion that closes its run adds to the UPDATE advancing the run (so
+        closing takes no statement of its own)."""
+        close = c.close
+        if close is None:
+            return "", ()
+        return ", status = ?, result = ?, failure = ?, closed_at = ?, next_run_id = ?", (
+            close.status,
+            dumps(close.result) if close.status == COMPLETED else None,
+            dumps(close.failure) if close.failure is not None else None,
+            now,
+            c.continue_as_new.run_id if c.continue_as_new is not None else None,
+        )
 
     @staticmethod
     def _task_events(c: WorkflowTaskCompletion) -> list[tuple[str, dict[str, Any]]]:
@@ -641,14 +738,19 @@ class SqlStore(Store):
         events: list[tuple[str, dict[str, Any]]],
         advanced: Any,
         task_queued: bool,
+        inline: list[ActivityTask] | None = None,
     ) -> Op[WorkflowTaskResult]:
-        """The rest of a completion once the run has advanced (``advanced``: the first seq
-        for ``events``, then ``_ADVANCED``); ``task_queued``: the run has a task row."""
+        """The rest of a completion once the run has advanced, and closed if ``c`` closes
+        it (``advanced``: the first seq for ``events``, then ``_ADVANCED``);
+        ``task_queued``: the run has a task row; ``inline``: not None if the advancing
+        statement made the writes of ``_inline_writes`` already, and then the activity
+        tasks it leased to ``owner``."""
         task = c.task
         run_id = task.run_id
         next_seq, inbound_seq, task_version, *family = advanced
         if events:
             yield touch(Change.HISTORY)
+        if events and inline is None:
             yield Stmt(
                 MANY,
                 "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
@@ -658,6 +760,7 @@ class SqlStore(Store):
         next_seq += len(events)
         if c.timers:
             yield touch(Change.TIMER)
+        if c.timers and inline is None:
             yield Stmt(
                 MANY,
                 "INSERT INTO timers (run_id, seq, fire_at) VALUES (?, ?, ?)",
@@ -669,46 +772,10 @@ class SqlStore(Store):
                 "DELETE FROM timers WHERE run_id = ? AND seq = ?",
                 [(run_id, seq) for seq in c.cancel_timers],
             )
-        eager: list[ActivityTask] = []
-        rows = []
-        for act in c.activities:
-            token = self._token() if len(eager) < c.eager_activity_limit else None
-            rows.append(
-                (
-                    run_id,
-                    act.seq,
-                    act.task_queue,
-                    act.activity_type,
-                    dumps(act.args),
-                    dumps(act.options),
-                    0 if token is None else 1,
-                    now,
-                    now if token is None else c.activity_lease_until,
-                    None if token is None else owner,
-                    token,
-                )
-            )
-            if token is not None:
-                eager.append(
-                    ActivityTask(
-                        run_id=run_id,
-                        workflow_id=task.workflow_id,
-                        workflow_type=task.workflow_type,
-                        seq=act.seq,
-                        activity_type=act.activity_type,
-                        task_queue=act.task_queue,
-                        args=act.args,
-                        options=act.options,
-                        attempt=1,
-                        scheduled_at=now,
-                        heartbeat_details=None,
-                        token=token,
-                        owner=owner,
-                    )
-                )
+        eager, rows = (inline, []) if inline is not None else self._activity_rows(c, owner, now)
+        if len(eager) < len(c.activities):
+            yield touch(Change.ACTIVITY_TASK)
         if rows:
-            if len(eager) < len(rows):
-                yield touch(Change.ACTIVITY_TASK)
             yield Stmt(
                 MANY,
                 "INSERT INTO activity_tasks (run_id, seq, task_queue, activity_type, args, "
@@ -746,28 +813,17 @@ class SqlStore(Store):
                 ],
             )
         more_work = False
-        if c.close is not None:
+        if c.close is not None:  # the UPDATE that advanced the run closed it
             yield touch(Change.RUN_CLOSED | Change.UPDATE)
             new_run = c.continue_as_new
-            yield Stmt(
-                WRITE,
-                "UPDATE runs SET status = ?, result = ?, failure = ?, closed_at = ?, "
-                "next_run_id = ? WHERE run_id = ?",
-                (
-                    c.close.status,
-                    dumps(c.close.result) if c.close.status == COMPLETED else None,
-                    dumps(c.close.failure) if c.close.failure is not None else None,
-                    now,
-                    new_run.run_id if new_run is not None else None,
-                    run_id,
-                ),
-            )
             if new_run is not None:
                 yield from self._continue_as_new(run_id, new_run, c.inputs_through)
             else:
                 yield from self._run_closed(
                     run_id, c.close.status, c.close.result, c.close.failure, now, family
                 )
+            # Not inline: the cleanup must see what committed meanwhile (an update
+            # request, its task row), and follow this completion's own update states.
             yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})")
         else:
             # inbound_seq is a watermark that every new input (event or update request)
@@ -790,7 +846,7 @@ class SqlStore(Store):
                     "attempt = 0 WHERE run_id = ?",
                     (now, run_id),
                 )
-            elif task_queued:
+            elif task_queued and (inline is None or inbound_seq > c.inputs_through):
                 yield Stmt(WRITE, "DELETE FROM workflow_tasks WHERE run_id = ?", (run_id,))
         if c.search_attributes:
             current = yield Stmt(
@@ -822,6 +878,120 @@ class SqlStore(Store):
             eager_activities=eager,
             more_work=more_work,
         )
+
+    def _inline_writes(
+        self,
+        c: WorkflowTaskCompletion,
+        owner: str,
+        now: float,
+        events: list[tuple[str, dict[str, Any]]],
+        source: str,
+        task_queued: bool,
+    ) -> tuple[str, list[Any], list[ActivityTask]] | None:
+        """The common writes of a completion as data-modifying CTEs that follow the CTE
+        ``source`` (the run's advancing UPDATE, returning ``first`` and ``inbound_seq``)
+        and act only if it matched: one round trip for the whole completion. None when
+        the dialect cannot, or the completion is unusual (the general path does it).
+        A closing task's cleanup is not among them (``_record_task`` does it after)."""
+        closing = c.close is not None
+        if (
+            not self.dialect.writes_in_with
+            or c.continue_as_new is not None
+            or (closing and (c.timers or c.activities))
+            or max(len(events), len(c.timers), len(c.activities)) > _INLINE_ROWS
+        ):
+            return None
+        run_id = c.task.run_id
+        members: list[str] = []
+        params: list[Any] = []
+        if events:
+            rows = ", ".join(f"({i}, ?, ?)" for i in range(len(events)))
+            members.append(
+                "INSERT INTO history (run_id, seq, type, time, data) SELECT ?, "
+                f"{source}.first + e.i, e.t, ?, e.d FROM {source} CROSS JOIN (VALUES {rows}) "
+                "AS e(i, t, d)"
+            )
+            params += [run_id, now]
+            for event_type, data in events:
+                params += [event_type, dumps(data)]
+        if c.timers:
+            rows = ", ".join(["(?::bigint, ?::float8)"] * len(c.timers))
+            members.append(
+                "INSERT INTO timers (run_id, seq, fire_at) SELECT ?, e.s, e.f "
+                f"FROM {source} CROSS JOIN (VALUES {rows}) AS e(s, f)"
+            )
+            params.append(run_id)
+            for seq, fire_at in c.timers:
+                params += [seq, fire_at]
+        eager, activity_rows = self._activity_rows(c, owner, now)
+        if activity_rows:
+            row = "(?::text, ?::bigint, ?::text, ?::text, ?::text, ?::text, ?::bigint, " + (
+                "?::float8, ?::float8, ?::text, ?::text)"
+            )
+            members.append(
+                "INSERT INTO activity_tasks (run_id, seq, task_queue, activity_type, args, "
+                "options, attempt, scheduled_at, visible_at, owner, token) SELECT e.* "
+                f"FROM {source} CROSS JOIN (VALUES {', '.join([row] * len(activity_rows))}) "
+                "AS e(r, s, q, a, g, o, n, c, v, w, k)"
+            )
+            for values in activity_rows:
+                params += values
+        if task_queued and not closing:
+            # No input past what the task read: the run has no more work (else the
+            # general path decides, from inbound_seq).
+            members.append(
+                "DELETE FROM workflow_tasks WHERE run_id = ? AND EXISTS "
+                f"(SELECT 1 FROM {source} WHERE inbound_seq <= ?)"
+            )
+            params += [run_id, c.inputs_through]
+        ctes = "".join(f", i{i} AS ({sql})" for i, sql in enumerate(members))
+        return ctes, params, eager
+
+    def _activity_rows(
+        self, c: WorkflowTaskCompletion, owner: str, now: float
+    ) -> tuple[list[ActivityTask], list[tuple[Any, ...]]]:
+        """The activity tasks a completion schedules: those leased to ``owner`` at once
+        (eager), and every row to insert."""
+        task = c.task
+        run_id = task.run_id
+        eager: list[ActivityTask] = []
+        rows: list[tuple[Any, ...]] = []
+        for act in c.activities:
+            token = self._token() if len(eager) < c.eager_activity_limit else None
+            rows.append(
+                (
+                    run_id,
+                    act.seq,
+                    act.task_queue,
+                    act.activity_type,
+                    dumps(act.args),
+                    dumps(act.options),
+                    0 if token is None else 1,
+                    now,
+                    now if token is None else c.activity_lease_until,
+                    None if token is None else owner,
+                    token,
+                )
+            )
+            if token is not None:
+                eager.append(
+                    ActivityTask(
+                        run_id=run_id,
+                        workflow_id=task.workflow_id,
+                        workflow_type=task.workflow_type,
+                        seq=act.seq,
+                        activity_type=act.activity_type,
+                        task_queue=act.task_queue,
+                        args=act.args,
+                        options=act.options,
+                        attempt=1,
+                        scheduled_at=now,
+                        heartbeat_details=None,
+                        token=token,
+                        owner=owner,
+                    )
+                )
+        return eager, rows
 
     def _start_child(self, parent_run_id: str, child: NewRun) -> Op[None]:
         try:
@@ -860,7 +1030,7 @@ class SqlStore(Store):
             (old_run_id, inputs_through, SIGNAL_RECEIVED),
         )
         for data, time in signals:
-            yield from self._append_inbound(run.run_id, SIGNAL_RECEIVED, json.loads(data), time)
+            yield from self._append_inbound(run.run_id, SIGNAL_RECEIVED, _parse(data), time)
         yield Stmt(
             WRITE,
             "UPDATE updates SET run_id = ? WHERE run_id = ? AND state = 'requested'",
@@ -910,7 +1080,7 @@ class SqlStore(Store):
             )
             return [_activity(row) for row in rows]
 
-        return await self._execute(op, writes=True)
+        return await self._execute_lease(op)
 
     async def heartbeat_activity(
         self, task: ActivityTask, details: Any, lease_until: float
@@ -969,24 +1139,34 @@ class SqlStore(Store):
             # Only if the cached instance has seen every input: no other event took
             # expected_seq, and no workflow task is queued (for inputs that came while
             # the run's last task ran, below expected_seq) or running elsewhere.
+            close_sql, close_params = self._close_columns(completion, now)
             advance = (
                 "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
-                "next_seq = next_seq + ?, inbound_seq = next_seq WHERE run_id = ? "
+                f"next_seq = next_seq + ?, inbound_seq = next_seq{close_sql} WHERE run_id = ? "
                 "AND task_version = ? AND next_seq = ? AND status = 'running' "
                 "AND NOT EXISTS (SELECT 1 FROM workflow_tasks w WHERE w.run_id = runs.run_id)"
             )
-            advance_params = (len(events), task.run_id, task_version, expected_seq)
+            advance_params = (len(events), *close_params, task.run_id, task_version, expected_seq)
             row: Any
+            inline = self._inline_writes(completion, owner, now, events, "advanced", False)
             if self.dialect.writes_in_with:  # both steps in one round trip
+                ctes, inline_params, done = inline or ("", [], None)
                 both = yield Stmt(
                     ONE,
                     f"WITH done AS ({_END_ACTIVITY}), advanced AS ({advance} "
                     "AND EXISTS (SELECT 1 FROM done WHERE cancel_requested = 0) "
-                    f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children) "
+                    f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children){ctes} "
                     "SELECT d.cancel_requested, a.first, a.inbound_seq, a.task_version, "
                     "a.parent_run_id, a.parent_seq, a.has_children "
                     "FROM done d LEFT JOIN advanced a ON TRUE",
-                    (task.run_id, task.seq, task.token, *advance_params, len(events)),
+                    (
+                        task.run_id,
+                        task.seq,
+                        task.token,
+                        *advance_params,
+                        len(events),
+                        *inline_params,
+                    ),
                 )
                 if both is None:
                     raise self._stale(task)
@@ -994,6 +1174,7 @@ class SqlStore(Store):
                     return None  # the workflow no longer waits for this result
                 row = None if both[1] is None else both[1:]
             else:
+                done = None
                 if not (yield from self._end_activity(task)):
                     return None  # the workflow no longer waits for this result
                 row = yield Stmt(
@@ -1004,7 +1185,7 @@ class SqlStore(Store):
             if row is None:  # the queued workflow task takes the result
                 yield from self._append_inbound(task.run_id, ACTIVITY_COMPLETED, data, now)
                 return None
-            return (yield from self._record_task(completion, owner, now, events, row, False))
+            return (yield from self._record_task(completion, owner, now, events, row, False, done))
 
         return await self._execute(op, writes=True)
 
@@ -1016,16 +1197,15 @@ class SqlStore(Store):
             ONE,
             "UPDATE workflow_tasks SET owner = ?, token = ?, visible_at = ?, "
             "attempt = attempt + 1 WHERE run_id = ? AND owner IS NULL AND visible_at <= ? "
-            "RETURNING attempt, task_queue",
+            "RETURNING task_queue",
             (claim.owner, token, claim.lease_until, run_id, now),
         )
         if leased is None:
             return None
-        run = yield Stmt(
-            ONE,
-            "SELECT workflow_id, workflow_type, namespace, task_version, next_seq, "
-            "EXISTS (SELECT 1 FROM updates u WHERE u.run_id = runs.run_id "
-            "AND u.state = 'requested') FROM runs WHERE run_id = ?",
+        task = yield Stmt(
+            ALL,
+            f"SELECT {_CLAIMED_TASK} FROM workflow_tasks t JOIN runs r ON r.run_id = t.run_id "
+            "WHERE t.run_id = ?",
             (run_id,),
         )
         rows = yield Stmt(
@@ -1033,19 +1213,8 @@ class SqlStore(Store):
             "SELECT seq, type, time, data FROM history WHERE run_id = ? AND seq > ? ORDER BY seq",
             (run_id, claim.after_seq),
         )
-        workflow_task = WorkflowTask(
-            run_id=run_id,
-            workflow_id=run[0],
-            workflow_type=run[1],
-            task_queue=leased[1],
-            namespace=run[2],
-            token=token,
-            attempt=leased[0],
-            task_version=run[3],
-            history_length=run[4] - 1,
-            has_updates=bool(run[5]),
-        )
-        return workflow_task, [Event(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+        workflow_task = self._claimed_tasks(leased[0], token, task)[0]
+        return workflow_task, [Event(r[0], r[1], r[2], _parse(r[3])) for r in rows]
 
     async def retry_activity(
         self,
@@ -1088,8 +1257,16 @@ class SqlStore(Store):
                 f"{self.dialect.skip_locked('timers')}",
                 (now, limit),
             )
-            for run_id, seq in due:
-                yield Stmt(WRITE, "DELETE FROM timers WHERE run_id = ? AND seq = ?", (run_id, seq))
+            if not due:
+                return 0
+            yield Stmt(MANY, "DELETE FROM timers WHERE run_id = ? AND seq = ?", due)
+            timers = dict(due)
+            if len(timers) == len(due) and 0 not in timers.values():
+                # The common case, set-based: one timer per run, and none is a run's
+                # deadline (whose firing closes the run and tells its parent).
+                yield from self._fire_timers(timers, now)
+                return len(due)
+            for run_id, seq in due:  # one by one, in firing order
                 if seq == 0:
                     yield from self._time_out(run_id, now)
                 else:
@@ -1097,6 +1274,38 @@ class SqlStore(Store):
             return len(due)
 
         return await self._execute(op, writes=True)
+
+    def _fire_timers(self, timers: dict[str, int], now: float) -> Op[None]:
+        """``_append_inbound`` of a ``TimerFired`` for many runs (one timer each), as a few
+        set-based statements instead of three per timer."""
+        run_ids = list(timers)
+        appended: list[Any] = []
+        for i in range(0, len(run_ids), _ID_CHUNK):
+            chunk = run_ids[i : i + _ID_CHUNK]
+            appended += yield Stmt(
+                ALL,
+                "UPDATE runs SET next_seq = next_seq + 1, inbound_seq = next_seq "
+                f"WHERE run_id IN ({_ID_LIST}) AND status = 'running' "
+                "RETURNING run_id, next_seq - 1, task_queue",
+                (*chunk, *[None] * (_ID_CHUNK - len(chunk))),
+            )
+        if not appended:
+            return
+        yield touch(Change.WORKFLOW_TASK)
+        yield Stmt(
+            MANY,
+            "INSERT INTO history (run_id, seq, type, time, data) VALUES (?, ?, ?, ?, ?)",
+            [
+                (run_id, seq, TIMER_FIRED, now, dumps({"seq": timers[run_id]}))
+                for run_id, seq, _ in appended
+            ],
+        )
+        yield Stmt(
+            MANY,
+            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (run_id) DO NOTHING",
+            [(run_id, task_queue, now) for run_id, _, task_queue in appended],
+        )
 
     async def next_due_time(self, after: float | None = None) -> float | None:
         def op() -> Op[float | None]:
@@ -1149,7 +1358,7 @@ class SqlStore(Store):
                     [(lease_until, t.run_id, t.seq, t.token, now) for t in activity_tasks],
                 )
 
-        await self._execute(op, writes=True)
+        await self._execute_lease(op)
 
     async def release_leases(self, owner: str, now: float) -> None:
         def op() -> Op[None]:
@@ -1202,7 +1411,7 @@ class SqlStore(Store):
                 return None
             served: dict[str, dict[str, list[str]]] = {}
             for (types,) in rows:
-                for name, handlers in json.loads(types).items():
+                for name, handlers in _parse(types).items():
                     merged = served.setdefault(name, {})
                     for kind, names in handlers.items():
                         merged[kind] = sorted(set(merged.get(kind, [])) | set(names))
@@ -1483,7 +1692,7 @@ class SqlStore(Store):
                 "AND state = 'requested' ORDER BY created_at",
                 (run_id,),
             )
-            return [UpdateRequest(r[0], r[1], json.loads(r[2])) for r in rows]
+            return [UpdateRequest(r[0], r[1], _parse(r[2])) for r in rows]
 
         return await self._execute(op, writes=False)
 
@@ -1530,11 +1739,11 @@ class SqlStore(Store):
                     (owner, token, lease_until, query_id),
                 )
                 tasks.append(
-                    QueryTask(query_id, run_id, wf_id, wf_type, ns, name, json.loads(args), token)
+                    QueryTask(query_id, run_id, wf_id, wf_type, ns, name, _parse(args), token)
                 )
             return tasks
 
-        return await self._execute(op, writes=True)
+        return await self._execute_lease(op)
 
     async def answer_query(
         self, query: QueryTask, result: Any, failure: dict[str, Any] | None

@@ -4,7 +4,9 @@ One thread owns the connection and commits in groups: callers queue operations,
 the thread runs every queued operation inside one transaction (each in its own
 savepoint, so one failing operation does not undo the others), commits once, and
 only then resolves the callers' futures. Many state transitions share one fsync;
-none is acknowledged before its commit is durable (WAL, ``synchronous=FULL``).
+none is acknowledged before its commit is durable (WAL, ``synchronous=FULL``). A batch
+of nothing but leases commits with ``NORMAL`` (no fsync): losing it equals the lease
+running out, and the next synced commit makes it durable too (the WAL is in order).
 
 Other processes' commits wake this process's waiters through a Unix datagram
 socket per store (``sqlite_wakeup``), so cross-process dispatch does not wait for a
@@ -41,7 +43,7 @@ _OPEN_RETRY_SECONDS = 10.0
 
 
 class _Op:
-    __slots__ = ("changes", "fut", "loop", "make", "writes")
+    __slots__ = ("changes", "durable", "fut", "loop", "make", "writes")
 
     def __init__(
         self,
@@ -49,11 +51,14 @@ class _Op:
         loop: asyncio.AbstractEventLoop,
         fut: asyncio.Future[Any],
         writes: bool,
+        durable: bool = True,
     ) -> None:
         self.make = make
         self.loop = loop
         self.fut = fut
         self.writes = writes
+        self.durable = durable
+        """False for lease-only writes: their commit need not wait for the disk."""
         self.changes = 0
         """The kinds of work (``Change``) the operation touched."""
 
@@ -129,6 +134,8 @@ class SqliteStore(SqlStore):
         in_memory = path == ":memory:"
         self._reads = self._writes if in_memory else queue.SimpleQueue()
         self._waiters = ChangeWaiters()
+        self._lazy_commits = False
+        """Whether the writer connection is at synchronous=NORMAL (lease-only batches)."""
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._open_thread(self._run_writer, "writer")
@@ -253,8 +260,15 @@ class SqliteStore(SqlStore):
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> int:
         """Run and commit ``batch``; return the kinds of work (``Change``) it touched."""
         writes = any(op.writes for op in batch)
+        # Only leases in this batch: commit without fsync. The WAL is written in order,
+        # so the next synced commit makes this one durable too.
+        lazy = not any(op.durable for op in batch)
         changes = 0
         try:
+            if lazy != self._lazy_commits:
+                # Set before BEGIN; a durable batch never starts unless FULL was set.
+                conn.execute(f"PRAGMA synchronous = {'NORMAL' if lazy else 'FULL'}")
+                self._lazy_commits = lazy
             conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
             results = self._run_ops(conn, batch, isolate=False)
             if results is None:
@@ -276,7 +290,7 @@ class SqliteStore(SqlStore):
                     pass
             error = StoreError(f"SQLite transaction failed: {e}", retryable=True)
             results = [(op, False, error) for op in batch]
-        # Only now, after COMMIT returned (fsync done), are callers told.
+        # Only now, after COMMIT returned (fsync done unless lazy), are callers told.
         _deliver(results)
         return changes
 
@@ -309,18 +323,21 @@ class SqliteStore(SqlStore):
             results.append((op, True, value))
         return results
 
-    async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
+    async def _execute(self, make: Callable[[], Op[T]], writes: bool, durable: bool = True) -> T:
         if self._closed:
             raise StoreError("the store is closed", retryable=False)
         if self.faults is not None:
             self.faults.before(writes)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        (self._writes if writes else self._reads).put(_Op(make, loop, fut, writes))
+        (self._writes if writes else self._reads).put(_Op(make, loop, fut, writes, durable))
         value = await fut
         if self.faults is not None:
             self.faults.after(writes)
         return value
+
+    async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
+        return await self._execute(make, writes=True, durable=False)
 
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         return self._waiters.add(changes)
