@@ -940,8 +940,10 @@ class Engine:
             fired = await self.store.fire_due_timers(now, 500)
             if fired == 500:
                 return None
-            if self._next_due is not None and self._next_due <= now:
-                # A delayed task (a retry) may be ready: let the claim loops look.
+            if not fired and self._next_due is not None and self._next_due <= now:
+                # Due, and no timer: a delayed task (a retry) is ready; it commits nothing
+                # that would wake the claim loops, so kick them. (Firing wakes them by
+                # itself: a kick after it would only make them claim again in vain.)
                 self._wake(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
             # Tasks ready already are the claim loops' business, not a reason to wake here.
             due = self._next_due = await self.store.next_due_time(after=now)
