@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
@@ -232,3 +233,82 @@ async def test_lease_only_writes_commit_without_waiting_for_the_wal(
     assert await store._execute_lease(_synchronous_commit) == "off"
     assert await store._execute(_synchronous_commit, writes=True) == "on"
     assert await store._execute(_synchronous_commit, writes=False) == "on"
+
+
+def _probe_op(*statements: Stmt) -> Callable[[], Op[None]]:
+    def op() -> Op[None]:
+        for stmt in statements:  # noqa: UP028 (results are sent in: a tuple cannot take them)
+            yield stmt
+
+    return op
+
+
+_PROBE_INSERT = "INSERT INTO alone_probe (n) VALUES (1) RETURNING n"
+_FAILS = Stmt(ONE, "SELECT 1 / 0", ())
+
+
+@pytest.fixture
+async def probe_table(fresh_postgres: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(fresh_postgres)
+    await conn.execute("CREATE TABLE alone_probe (n int PRIMARY KEY)")
+    try:
+        yield conn
+    finally:
+        await conn.execute("DROP TABLE alone_probe")
+        await conn.close()
+
+
+async def test_a_lone_first_statement_commits_by_itself(
+    postgres_store: PostgresStore, probe_table: asyncpg.Connection
+) -> None:
+    """A first statement marked ``alone`` commits by itself; what follows it has a
+    transaction of its own. Unmarked, or not first, it shares the operation's."""
+    store = postgres_store
+    alone = Stmt(ONE, _PROBE_INSERT, (), alone=True)
+    with pytest.raises(StoreError, match="division by zero"):
+        await store._execute(_probe_op(alone, _FAILS), writes=True)
+    assert await probe_table.fetchval("SELECT count(*) FROM alone_probe") == 1
+
+    await probe_table.execute("DELETE FROM alone_probe")
+    with pytest.raises(StoreError, match="division by zero"):
+        await store._execute(_probe_op(Stmt(ONE, _PROBE_INSERT, ()), _FAILS), writes=True)
+    read_first = Stmt(ONE, "SELECT count(*) FROM alone_probe", ())
+    with pytest.raises(StoreError, match="division by zero"):
+        await store._execute(_probe_op(read_first, alone, _FAILS), writes=True)
+    assert await probe_table.fetchval("SELECT count(*) FROM alone_probe") == 0
+
+    await store._execute(_probe_op(alone), writes=True)
+    assert await probe_table.fetchval("SELECT count(*) FROM alone_probe") == 1
+
+
+async def test_a_lone_statement_cut_off_is_run_again(
+    fresh_postgres: str, probe_table: asyncpg.Connection
+) -> None:
+    """The connection dies while a statement committing by itself is out: whether it
+    committed is unknown, and its operation is safe to repeat (``Stmt.alone``), so it
+    runs again on a new connection without the caller noticing."""
+    store = await PostgresStore.open(fresh_postgres, lock_timeout=30.0)
+    try:
+        await probe_table.execute("BEGIN")
+        await probe_table.execute("INSERT INTO alone_probe (n) VALUES (2)")
+        blocked_insert = "INSERT INTO alone_probe (n) VALUES (2) RETURNING n"
+        insert = asyncio.ensure_future(
+            store._execute(_probe_op(Stmt(ONE, blocked_insert, (), alone=True)), writes=True)
+        )
+        deadline = time.monotonic() + 10
+        while not (
+            blocked := await pg_column(
+                fresh_postgres,
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'",
+            )
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await pg_column(fresh_postgres, f"SELECT pg_terminate_backend({blocked[0]})")
+        await probe_table.execute("ROLLBACK")  # the key is free for the second try
+        await asyncio.wait_for(insert, 10)
+        assert store.stats["retried_operations"] >= 1
+        assert await probe_table.fetchval("SELECT count(*) FROM alone_probe") == 1
+    finally:
+        await store.close()

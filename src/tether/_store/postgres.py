@@ -126,13 +126,29 @@ def _rowcount(status: str) -> int:
 
 
 class _Effects:
-    """What an operation did besides its result: changed rows, kinds of work touched."""
+    """What an operation did besides its result: changed rows, kinds of work touched,
+    and whether its transaction has begun."""
 
-    __slots__ = ("changes", "wrote")
+    __slots__ = ("alone_sent", "changes", "unbegun", "wrote")
 
-    def __init__(self) -> None:
+    def __init__(self, unbegun: bool = False) -> None:
         self.wrote = False
         self.changes = 0
+        self.unbegun = unbegun
+        """No transaction is open: one begins before the next statement, unless that is
+        the operation's first and marked ``alone`` (it then commits by itself)."""
+        self.alone_sent = False
+        """A first statement marked ``alone`` was sent, to commit by itself."""
+
+    async def before(self, conn: asyncpg.Connection, alone: bool = False) -> None:
+        """Call before sending a statement."""
+        if not self.unbegun:
+            return
+        if alone and not self.alone_sent and not self.wrote:
+            self.alone_sent = True
+            return
+        self.unbegun = False
+        await conn.execute("BEGIN")
 
 
 async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _Effects) -> Any:
@@ -160,11 +176,13 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
                     if pending.accepts(stmt):
                         pending.add(stmt)
                     else:
+                        await done.before(conn)
                         await conn.executemany(translate(stmt.sql), stmt.params)
                         done.wrote = True
             else:
                 if pending:
                     await _flush(pending, conn, done)
+                await done.before(conn, stmt.alone)
                 sql = translate(stmt.sql)
                 if kind == ONE:
                     result = await conn.fetchrow(sql, *stmt.params)
@@ -187,8 +205,15 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
         op.close()
 
 
+def _committed_alone(alone: _Effects | None) -> int:
+    """What a failed operation may have made available all the same: anything, if its
+    first statement committed by itself (``Stmt.alone``)."""
+    return Change.ALL if alone is not None and alone.alone_sent else 0
+
+
 async def _flush(pending: DeferredWrites, conn: asyncpg.Connection, done: _Effects) -> None:
     sql, args = pending.take()
+    await done.before(conn)
     done.wrote = True  # (a failure after this rolls the whole transaction back)
     await conn.execute(sql, *args)
 
@@ -510,25 +535,27 @@ class PostgresStore(SqlStore):
     async def _run_batch(self, conn: asyncpg.Connection, batch: list[_Write]) -> None:
         results: _Results = []
         changes = 0
-        committing = False
+        committing = notify_after = False
         pending = batch
         # Only leases in this batch: commit without waiting for the WAL flush. Losing
         # one in a crash equals its lease running out, and the WAL is in order: a later
         # synchronous commit flushes it too. Everything else commits synchronously.
-        begin = (
-            "BEGIN; SET LOCAL synchronous_commit = off"
-            if not any(w.durable for w in batch)
-            else "BEGIN"
-        )
+        durable = any(w.durable for w in batch)
+        begin = "BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit = off"
+        # One operation alone: its transaction begins with its first statement, which may
+        # commit by itself (``Stmt.alone``): no BEGIN and COMMIT round trips then.
+        alone = _Effects(unbegun=True) if durable and len(batch) == 1 else None
         try:
             while True:
-                await conn.execute(begin)
-                outcome = await self._run_ops(conn, pending, isolate=False)
+                if alone is None:
+                    await conn.execute(begin)
+                outcome = await self._run_ops(conn, pending, isolate=False, first=alone)
                 if not isinstance(outcome, _Failed):
                     break
                 # An operation failed after writing, or a statement failed (which aborts
                 # a PostgreSQL transaction): roll back.
-                await conn.execute("ROLLBACK")
+                if conn.is_in_transaction():
+                    await conn.execute("ROLLBACK")
                 error = _classify(outcome.error, "a write")
                 if isinstance(error, _NotApplied) or len(pending) == 1:
                     # A deadlock, lock timeout or key race with another transaction: that
@@ -538,7 +565,7 @@ class PostgresStore(SqlStore):
                     pending = pending[: outcome.index] + pending[outcome.index + 1 :]
                     if pending:
                         continue
-                    outcome = ([], False)
+                    outcome = ([], _committed_alone(alone))
                     break
                 # It failed for its own reasons: redo with a savepoint per operation.
                 self.stats["isolated_batches"] += 1
@@ -554,6 +581,8 @@ class PostgresStore(SqlStore):
                 await conn.execute(
                     f"NOTIFY {CHANNEL}, '{changes}'; COMMIT" if changes else "COMMIT"
                 )
+            elif changes:
+                notify_after = True  # committed by itself: tell callers first
         except Exception as e:
             lost = isinstance(e, _CONNECTION_ERRORS)
             if lost:
@@ -562,7 +591,7 @@ class PostgresStore(SqlStore):
             elif not conn.is_closed():
                 with contextlib.suppress(Exception):
                     await conn.execute("ROLLBACK")
-            if committing and lost:
+            if lost and committing:
                 unknown = StoreError(
                     "the connection to PostgreSQL was lost while committing: the change may "
                     f"or may not have been saved ({e or type(e).__name__}); Tether's own "
@@ -573,30 +602,44 @@ class PostgresStore(SqlStore):
                 changes = Change.ALL  # perhaps
             else:
                 # Nothing committed: the server rolls back the transaction of a lost
-                # connection, and we rolled back any other.
+                # connection, and we rolled back any other. (Or a lone statement did,
+                # perhaps: its operation is safe to run again, ``Stmt.alone`` says.)
                 error = _classify(e, "a write")
                 if not isinstance(error, StoreError):
                     error = StoreError(f"PostgreSQL transaction failed: {e}", retryable=True)
                 results = [(w, False, error) for w in batch]
-                changes = 0
+                changes = _committed_alone(alone)
         self.stats["batches"] += 1
         self.stats["operations"] += len(batch)
         # Only now, after COMMIT returned, are callers told.
         self._deliver(results)
         self._waiters.notify(changes)
+        if notify_after:
+            try:
+                await conn.execute(f"NOTIFY {CHANNEL}, '{changes}'")
+            except Exception as e:
+                # Other processes' waiters look again within their poll interval anyway.
+                logger.info("could not notify other processes of a commit: %s", e)
+                if isinstance(e, _CONNECTION_ERRORS):
+                    conn.terminate()
 
     async def _run_ops(
-        self, conn: asyncpg.Connection, batch: list[_Write], isolate: bool
+        self,
+        conn: asyncpg.Connection,
+        batch: list[_Write],
+        isolate: bool,
+        first: _Effects | None = None,
     ) -> tuple[_Results, int] | _Failed:
         """Run each operation: (results, the kinds of work they touched), or, unless
         ``isolate`` (a savepoint per operation), the failure that needs the transaction
-        rolled back."""
+        rolled back. ``first``: the effects of the first operation, when it runs with no
+        transaction begun."""
         results: _Results = []
         changes = 0
         for index, write in enumerate(batch):
             if isolate:
                 await conn.execute("SAVEPOINT op")
-            done = _Effects()
+            done = first if index == 0 and first is not None else _Effects()
             try:
                 value = await _drive(write.make, conn, done)
             except Exception as e:

@@ -68,11 +68,19 @@ class Stmt:
     long as it runs before any other statement and before the operation's value is
     returned (so its errors are the operation's). TOUCH is no statement:
     it tells the driver which kinds of work (``params``, a ``Change``) the commit makes
-    available, so that it wakes the right waiters."""
+    available, so that it wakes the right waiters.
+
+    ``alone``: if this is the operation's first statement, a server backend may run it
+    in a transaction of its own, committed before the rest of the operation (which then
+    has a transaction of its own): one statement by itself needs no BEGIN and COMMIT
+    round trips. The operation promises that whatever it changes leaves a consistent
+    state by itself, and that what may follow is safe to lose in a crash (like a lease
+    that runs out) or to find done already when the operation is repeated."""
 
     kind: str
     sql: str
     params: Any = ()
+    alone: bool = False
 
 
 Op = Generator[Stmt, Any, T]
@@ -358,6 +366,7 @@ class SqlStore(Store):
             row = (*row, run.namespace, run.workflow_id, run.request_id)
         if unless_conflict and self.dialect.writes_in_with and not deadlines:
             # One round trip: the dependent inserts take the run's row only if it went in.
+            # A run with nothing to deliver with its start is complete by itself.
             inserted = yield Stmt(
                 ONE,
                 f"WITH r AS ({insert} RETURNING run_id), h AS (INSERT INTO history "
@@ -365,6 +374,7 @@ class SqlStore(Store):
                 "t AS (INSERT INTO workflow_tasks (run_id, task_queue, visible_at) "
                 "SELECT run_id, ?, ? FROM r) SELECT count(*) FROM r",
                 (*row, WORKFLOW_STARTED, run.now, started, run.task_queue, run.now),
+                alone=run.signal is None and run.update is None,
             )
             if not inserted[0]:
                 return False
@@ -698,6 +708,7 @@ class SqlStore(Store):
                 f"WITH a AS ({advance}){ctes} SELECT first, inbound_seq, task_version, "
                 "parent_run_id, parent_seq, has_children FROM a",
                 (*params, len(events), *inline_params),
+                alone=self._complete_alone(c),
             )
         else:
             done = None
@@ -708,6 +719,20 @@ class SqlStore(Store):
                 f"(or the run advanced past task version {task.task_version})"
             )
         return (yield from self._record_task(c, owner, now, events, row, True, done))
+
+    @staticmethod
+    def _complete_alone(c: WorkflowTaskCompletion) -> bool:
+        """Whether the one-statement completion is consistent by itself: what may follow
+        it is only handing the run's task back when more input came in meanwhile (lost
+        in a crash, the lease runs out and the task is claimed again)."""
+        return c.close is None and not (
+            c.cancel_timers
+            or c.cancel_activities
+            or c.updates
+            or c.search_attributes
+            or c.children
+            or c.cancel_children
+        )
 
     @staticmethod
     def _close_columns(c: WorkflowTaskCompletion, now: float) -> tuple[str, tuple[Any, ...]]:
