@@ -11,7 +11,7 @@ import pytest
 
 from backends import database_url
 from tether import Client, InvalidArgumentError, StoreError, Worker, workflow
-from tether._store.base import NewRun
+from tether._store.base import NewRun, WorkflowTaskCompletion
 from tether._store.pg_statements import translate
 from tether._store.postgres import PostgresStore, redact
 from tether._store.sql import ONE, Op, Stmt
@@ -312,3 +312,36 @@ async def test_a_lone_statement_cut_off_is_run_again(
         assert await probe_table.fetchval("SELECT count(*) FROM alone_probe") == 1
     finally:
         await store.close()
+
+
+async def test_a_completion_with_input_arrived_meanwhile_commits_whole(
+    fresh_postgres: str, postgres_store: PostgresStore
+) -> None:
+    """A signal came in while the task ran: the completion and the hand-back of the
+    task are one transaction, so a hand-back that must wait (a lock held elsewhere)
+    delays the completion instead of leaving it committed without it."""
+    store = postgres_store
+    await store.start_run(new_run(1))
+    (task,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
+    await store.signal_run("default", "wf-1", None, "poke", [1], NOW)
+    locker = await asyncpg.connect(fresh_postgres)
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM workflow_tasks WHERE run_id = 'run-1' FOR UPDATE")
+        completion = WorkflowTaskCompletion(task=task, events=[], inputs_through=1)
+        done = asyncio.ensure_future(store.complete_workflow_task(completion, "w", NOW))
+        await asyncio.sleep(0.6)  # past the store's lock timeout: it stepped back
+        assert not done.done()
+        await locker.execute("ROLLBACK")
+        result = await asyncio.wait_for(done, 10)
+    finally:
+        await locker.close()
+    assert result.more_work
+    assert store.stats["retried_operations"] >= 1
+    (again,) = await store.claim_workflow_tasks("q", "w2", 10, NOW + 60, NOW)
+    assert [e.type for e in await store.read_history("run-1")] == [
+        "WorkflowStarted",
+        "SignalReceived",
+        "WorkflowTaskCompleted",
+    ]
+    assert again.task_version == task.task_version + 1

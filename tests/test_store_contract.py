@@ -236,6 +236,7 @@ async def test_inbound_event_during_task_keeps_task_queued(store: Store) -> None
     )
     await store.complete_workflow_task(timer, "w1", NOW)
     assert await store.next_due_time() == NOW + 5
+    assert await store.next_due_times(after=NOW) == (NOW + 5, None)
     assert await store.fire_due_timers(NOW + 4, 10) == 0
     assert await store.claim_workflow_tasks("q", "w1", 10, NOW + LEASE, NOW + 4) == []
     assert await store.fire_due_timers(NOW + 5, 10) == 1
@@ -352,6 +353,8 @@ async def test_next_due_time_after_skips_tasks_ready_already(store: Store) -> No
     task = await claim_one(store)
     await store.fail_workflow_task(task, {"message": "boom"}, NOW + 3)
     assert await store.next_due_time(after=NOW) == NOW + 3
+    # Apart, so that a timer loop can tell a retry falling due from a timer doing so.
+    assert await store.next_due_times(after=NOW) == (None, NOW + 3)
 
 
 def continue_after(task: WorkflowTask, version: int, history_length: int) -> WorkflowTaskCompletion:

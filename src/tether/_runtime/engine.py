@@ -156,8 +156,8 @@ class Engine:
         self._query_tasks: set[asyncio.Task[None]] = set()
         self._activity_tasks: dict[asyncio.Task[None], ActivityTask] = {}
         self._activity_slots_reserved = 0
-        self._next_due: float | None = None
-        """When the timer loop expects the next timer or delayed task."""
+        self._next_task_due: float | None = None
+        """When the next delayed task (a retry) becomes ready, as the timer loop last saw."""
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self._kicks: dict[Change, asyncio.Future[None]] = {}  # by the loop's kind of work
@@ -940,13 +940,14 @@ class Engine:
             fired = await self.store.fire_due_timers(now, 500)
             if fired == 500:
                 return None
-            if not fired and self._next_due is not None and self._next_due <= now:
-                # Due, and no timer: a delayed task (a retry) is ready; it commits nothing
-                # that would wake the claim loops, so kick them. (Firing wakes them by
-                # itself: a kick after it would only make them claim again in vain.)
+            if self._next_task_due is not None and self._next_task_due <= now:
+                # A delayed task (a retry) is ready: it commits nothing that would wake
+                # the claim loops, so kick them. (A timer's firing wakes them by itself;
+                # a kick after it would only make them claim again in vain.)
                 self._wake(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
             # Tasks ready already are the claim loops' business, not a reason to wake here.
-            due = self._next_due = await self.store.next_due_time(after=now)
+            timer_due, self._next_task_due = await self.store.next_due_times(after=now)
+            due = min((t for t in (timer_due, self._next_task_due) if t is not None), default=None)
             if due is None:
                 return _IDLE_POLL
             if due <= now:

@@ -461,12 +461,16 @@ class Store(abc.ABC):
     async def fire_due_timers(self, now: float, limit: int) -> int:
         """Append ``TimerFired`` for due timers and wake their workflows; returns the count."""
 
-    @abc.abstractmethod
     async def next_due_time(self, after: float | None = None) -> float | None:
         """Earliest time an unleased timer, retry or workflow task becomes due.
 
         With ``after``, tasks already ready by then do not count (a backlog waiting to
         be claimed is not a reason for a timer loop to wake); timers always do."""
+        return min((t for t in await self.next_due_times(after) if t is not None), default=None)
+
+    @abc.abstractmethod
+    async def next_due_times(self, after: float | None = None) -> tuple[float | None, float | None]:
+        """``next_due_time`` in two parts: (the next timer, the next delayed task)."""
 
     @abc.abstractmethod
     async def leased_task_count(self) -> int:

@@ -205,9 +205,9 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
         op.close()
 
 
-def _committed_alone(alone: _Effects | None) -> int:
-    """What a failed operation may have made available all the same: anything, if its
-    first statement committed by itself (``Stmt.alone``)."""
+def _maybe_committed(alone: _Effects | None) -> int:
+    """What an operation cut off by a lost connection may have made available all the
+    same: anything, if its first statement was out to commit by itself (``Stmt.alone``)."""
     return Change.ALL if alone is not None and alone.alone_sent else 0
 
 
@@ -565,7 +565,7 @@ class PostgresStore(SqlStore):
                     pending = pending[: outcome.index] + pending[outcome.index + 1 :]
                     if pending:
                         continue
-                    outcome = ([], _committed_alone(alone))
+                    outcome = ([], 0)
                     break
                 # It failed for its own reasons: redo with a savepoint per operation.
                 self.stats["isolated_batches"] += 1
@@ -608,7 +608,7 @@ class PostgresStore(SqlStore):
                 if not isinstance(error, StoreError):
                     error = StoreError(f"PostgreSQL transaction failed: {e}", retryable=True)
                 results = [(w, False, error) for w in batch]
-                changes = _committed_alone(alone)
+                changes = _maybe_committed(alone) if lost else 0
         self.stats["batches"] += 1
         self.stats["operations"] += len(batch)
         # Only now, after COMMIT returned, are callers told.

@@ -71,11 +71,11 @@ class Stmt:
     available, so that it wakes the right waiters.
 
     ``alone``: if this is the operation's first statement, a server backend may run it
-    in a transaction of its own, committed before the rest of the operation (which then
-    has a transaction of its own): one statement by itself needs no BEGIN and COMMIT
-    round trips. The operation promises that whatever it changes leaves a consistent
-    state by itself, and that what may follow is safe to lose in a crash (like a lease
-    that runs out) or to find done already when the operation is repeated."""
+    by itself, with no BEGIN and COMMIT round trips. The operation promises that if the
+    statement changes anything, no other statement follows it (the rest, when it changes
+    nothing, runs in a transaction of its own), and that the operation is safe to run
+    again after it committed: a connection lost while it is out leaves that unknown,
+    and the backend runs the operation again."""
 
     kind: str
     sql: str
@@ -692,27 +692,43 @@ class SqlStore(Store):
         task = c.task
         events = self._task_events(c)
         close_sql, close_params = self._close_columns(c, now)
-        advance = (
-            "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
-            f"next_seq = next_seq + ?{close_sql} WHERE run_id = ? AND task_version = ? "
-            "AND status = 'running' AND EXISTS (SELECT 1 FROM workflow_tasks w "
-            "WHERE w.run_id = runs.run_id AND w.token = ?) "
-            f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children"
-        )
         params = (len(events), *close_params, task.run_id, task.task_version, task.token)
+
+        def advance(guard: str = "") -> str:
+            return (
+                "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
+                f"next_seq = next_seq + ?{close_sql} WHERE run_id = ? AND task_version = ? "
+                "AND status = 'running' AND EXISTS (SELECT 1 FROM workflow_tasks w "
+                f"WHERE w.run_id = runs.run_id AND w.token = ?){guard} "
+                f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children"
+            )
+
         inline = self._inline_writes(c, owner, now, events, "a", task_queued=True)
+        row = None
         if inline is not None:  # one statement for the whole completion
             ctes, inline_params, done = inline
-            row = yield Stmt(
-                ONE,
-                f"WITH a AS ({advance}){ctes} SELECT first, inbound_seq, task_version, "
-                "parent_run_id, parent_seq, has_children FROM a",
-                (*params, len(events), *inline_params),
-                alone=self._complete_alone(c),
+            returning = (
+                " SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, "
+                "has_children FROM a"
             )
+            if self._complete_alone(c):
+                # By itself when no input came in meanwhile: then nothing follows it.
+                # Else it writes nothing, and the statement below does it all.
+                row = yield Stmt(
+                    ONE,
+                    f"WITH a AS ({advance(' AND inbound_seq <= ?')}){ctes}{returning}",
+                    (*params, c.inputs_through, len(events), *inline_params),
+                    alone=True,
+                )
+            if row is None:
+                row = yield Stmt(
+                    ONE,
+                    f"WITH a AS ({advance()}){ctes}{returning}",
+                    (*params, len(events), *inline_params),
+                )
         else:
             done = None
-            row = yield Stmt(ONE, advance, (*params, len(events)))
+            row = yield Stmt(ONE, advance(), (*params, len(events)))
         if row is None:
             raise StaleTaskError(
                 f"workflow task of run {task.run_id} is no longer leased by this worker "
@@ -722,9 +738,9 @@ class SqlStore(Store):
 
     @staticmethod
     def _complete_alone(c: WorkflowTaskCompletion) -> bool:
-        """Whether the one-statement completion is consistent by itself: what may follow
-        it is only handing the run's task back when more input came in meanwhile (lost
-        in a crash, the lease runs out and the task is claimed again)."""
+        """Whether the one-statement completion can be all of it: when no input came in
+        meanwhile, nothing follows unless the task closes the run or touches updates,
+        timers or activities it cancels, children or search attributes."""
         return c.close is None and not (
             c.cancel_timers
             or c.cancel_activities
@@ -1332,20 +1348,19 @@ class SqlStore(Store):
             [(run_id, task_queue, now) for run_id, _, task_queue in appended],
         )
 
-    async def next_due_time(self, after: float | None = None) -> float | None:
-        def op() -> Op[float | None]:
+    async def next_due_times(self, after: float | None = None) -> tuple[float | None, float | None]:
+        def op() -> Op[tuple[float | None, float | None]]:
             since = float("-inf") if after is None else after
             row = yield Stmt(
                 ONE,
-                "SELECT min(t) FROM ("
-                "SELECT min(fire_at) AS t FROM timers "
-                "UNION ALL SELECT min(visible_at) FROM activity_tasks WHERE owner IS NULL "
+                "SELECT (SELECT min(fire_at) FROM timers), (SELECT min(t) FROM ("
+                "SELECT min(visible_at) AS t FROM activity_tasks WHERE owner IS NULL "
                 "AND visible_at > ? "
                 "UNION ALL SELECT min(visible_at) FROM workflow_tasks WHERE owner IS NULL "
-                "AND visible_at > ?) due",
+                "AND visible_at > ?) due)",
                 (since, since),
             )
-            return None if row is None else row[0]
+            return (None, None) if row is None else (row[0], row[1])
 
         return await self._execute(op, writes=False)
 
