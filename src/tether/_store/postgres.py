@@ -616,7 +616,12 @@ class PostgresStore(SqlStore):
         self._waiters.notify(changes)
         if notify_after:
             try:
-                await conn.execute(f"NOTIFY {CHANNEL}, '{changes}'")
+                # A NOTIFY commits a transaction of its own: it need not wait for the
+                # WAL flush (a wake-up, not data; the data's commit was durable).
+                await conn.execute(
+                    "BEGIN; SET LOCAL synchronous_commit = off; "
+                    f"NOTIFY {CHANNEL}, '{changes}'; COMMIT"
+                )
             except Exception as e:
                 # Other processes' waiters look again within their poll interval anyway.
                 logger.info("could not notify other processes of a commit: %s", e)
