@@ -140,13 +140,17 @@ class _Effects:
         self.alone_sent = False
         """A first statement marked ``alone`` was sent, to commit by itself."""
 
-    async def before(self, conn: asyncpg.Connection, alone: bool = False) -> None:
-        """Call before sending a statement."""
+    async def before(
+        self, conn: asyncpg.Connection, alone: bool = False, read: bool = False
+    ) -> None:
+        """Call before sending a statement (``read``: one that cannot write)."""
         if not self.unbegun:
             return
         if alone and not self.alone_sent and not self.wrote:
             self.alone_sent = True
             return
+        if read and self.alone_sent:
+            return  # after a lone statement, reads need no transaction either
         self.unbegun = False
         await conn.execute("BEGIN")
 
@@ -182,7 +186,7 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
             else:
                 if pending:
                     await _flush(pending, conn, done)
-                await done.before(conn, stmt.alone)
+                await done.before(conn, stmt.alone, stmt.sql.startswith(_READ_PREFIXES))
                 sql = translate(stmt.sql)
                 if kind == ONE:
                     result = await conn.fetchrow(sql, *stmt.params)
@@ -302,6 +306,12 @@ class PostgresStore(SqlStore):
         self.lock_timeout = lock_timeout
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
+        self._lease_queue: asyncio.Queue[_Write | None] = asyncio.Queue()
+        """Lease-only writes (claims, renewals): a committer of their own, whose session
+        commits without waiting for the WAL flush, so they wait neither for fsyncs nor
+        behind the durable writes. Losing such a commit in a crash equals its lease
+        running out, and the WAL is in order: a later synchronous commit flushes it too.
+        Everything else commits synchronously."""
         self._committers: list[asyncio.Task[None]] = []
         self._committer_pids: set[int] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -394,9 +404,14 @@ class PostgresStore(SqlStore):
             **self._connection_options(),
         )
         self._committers = [
-            asyncio.create_task(self._run_committer(), name=f"tether-pg-committer-{i}")
+            asyncio.create_task(self._run_committer(self._queue), name=f"tether-pg-committer-{i}")
             for i in range(self.committer_count)
         ]
+        self._committers.append(
+            asyncio.create_task(
+                self._run_committer(self._lease_queue, leases=True), name="tether-pg-leases"
+            )
+        )
         listening: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._listener = asyncio.create_task(self._listen(listening), name="tether-pg-listener")
         await listening
@@ -409,7 +424,7 @@ class PostgresStore(SqlStore):
             self.faults.before(writes)
         if writes:
             fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-            self._queue.put_nowait(_Write(make, fut, durable))
+            self._queue_for(durable).put_nowait(_Write(make, fut, durable))
             value = await fut
         else:
             value = await self._read(make)
@@ -486,23 +501,30 @@ class PostgresStore(SqlStore):
             if not write.fut.done():
                 write.fut.set_exception(StoreError("the store is closed", retryable=False))
         else:
-            self._queue.put_nowait(write)
+            self._queue_for(write.durable).put_nowait(write)
 
-    async def _run_committer(self) -> None:
+    def _queue_for(self, durable: bool) -> asyncio.Queue[_Write | None]:
+        return self._queue if durable else self._lease_queue
+
+    async def _run_committer(
+        self, queue: asyncio.Queue[_Write | None], leases: bool = False
+    ) -> None:
+        """Run the writes of ``queue`` in group commits; ``leases``: lease-only writes,
+        committed without waiting for the WAL flush."""
         conn: asyncpg.Connection | None = None
         pid: int | None = None
         connect_after = 0.0
         delay = 0.05
         try:
             while True:
-                first = await self._queue.get()
+                first = await queue.get()
                 if first is None:
                     return
                 batch = [first]
-                while len(batch) < _MAX_BATCH and not self._queue.empty():
-                    item = self._queue.get_nowait()
+                while len(batch) < _MAX_BATCH and not queue.empty():
+                    item = queue.get_nowait()
                     if item is None:
-                        self._queue.put_nowait(None)  # stop after this batch
+                        queue.put_nowait(None)  # stop after this batch
                         break
                     batch.append(item)
                 if conn is None or conn.is_closed():
@@ -515,6 +537,8 @@ class PostgresStore(SqlStore):
                     else:
                         try:
                             conn = await self._connect()
+                            if leases:
+                                await conn.execute("SET synchronous_commit = off")
                             pid = conn.get_server_pid()
                             self._committer_pids.add(pid)
                             delay = 0.05
@@ -537,18 +561,13 @@ class PostgresStore(SqlStore):
         changes = 0
         committing = notify_after = False
         pending = batch
-        # Only leases in this batch: commit without waiting for the WAL flush. Losing
-        # one in a crash equals its lease running out, and the WAL is in order: a later
-        # synchronous commit flushes it too. Everything else commits synchronously.
-        durable = any(w.durable for w in batch)
-        begin = "BEGIN" if durable else "BEGIN; SET LOCAL synchronous_commit = off"
         # One operation alone: its transaction begins with its first statement, which may
         # commit by itself (``Stmt.alone``): no BEGIN and COMMIT round trips then.
-        alone = _Effects(unbegun=True) if durable and len(batch) == 1 else None
+        alone = _Effects(unbegun=True) if len(batch) == 1 else None
         try:
             while True:
                 if alone is None:
-                    await conn.execute(begin)
+                    await conn.execute("BEGIN")
                 outcome = await self._run_ops(conn, pending, isolate=False, first=alone)
                 if not isinstance(outcome, _Failed):
                     break
@@ -737,15 +756,17 @@ class PostgresStore(SqlStore):
         self._closed = True
         for _ in self._committers:
             self._queue.put_nowait(None)
+        self._lease_queue.put_nowait(None)
         if self._committers:
             _, pending = await asyncio.wait(self._committers, timeout=10.0)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._committers, return_exceptions=True)
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None and not item.fut.done():
-                item.fut.set_exception(StoreError("the store is closed", retryable=False))
+        for queue in (self._queue, self._lease_queue):
+            while not queue.empty():
+                item = queue.get_nowait()
+                if item is not None and not item.fut.done():
+                    item.fut.set_exception(StoreError("the store is closed", retryable=False))
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)

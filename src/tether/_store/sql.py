@@ -72,7 +72,7 @@ class Stmt:
 
     ``alone``: if this is the operation's first statement, a server backend may run it
     by itself, with no BEGIN and COMMIT round trips. The operation promises that if the
-    statement changes anything, no other statement follows it (the rest, when it changes
+    statement changes anything, only reads follow it (the rest, when it changes
     nothing, runs in a transaction of its own), and that the operation is safe to run
     again after it committed: a connection lost while it is out leaves that unknown,
     and the backend runs the operation again."""
@@ -616,6 +616,7 @@ class SqlStore(Store):
             f"AND visible_at <= ? {condition}ORDER BY visible_at LIMIT ? "
             f"{self.dialect.skip_locked('x')})",
             params,
+            alone=True,  # only the read-back follows
         )
 
     # -- workflow tasks ---------------------------------------------------------------
