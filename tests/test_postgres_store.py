@@ -345,3 +345,30 @@ async def test_a_completion_with_input_arrived_meanwhile_commits_whole(
         "WorkflowTaskCompleted",
     ]
     assert again.task_version == task.task_version + 1
+
+
+async def test_a_claim_whose_read_back_fails_keeps_what_it_leased(
+    fresh_postgres: str, postgres_store: PostgresStore
+) -> None:
+    """A claim's lease commits by itself; when reading the leased tasks back must wait
+    (the runs table locked past the store's lock timeout), the repeated attempt
+    returns what the first one leased instead of leasing more and stranding those."""
+    store = postgres_store
+    await store.start_run(new_run(1))
+    await store.start_run(new_run(2))
+    locker = await asyncpg.connect(fresh_postgres)
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
+        claim = asyncio.ensure_future(store.claim_workflow_tasks("q", "w1", 1, NOW + 60, NOW))
+        await asyncio.sleep(0.6)  # past the lock timeout: the read-back stepped back
+        assert not claim.done()
+        await locker.execute("ROLLBACK")
+        tasks = await asyncio.wait_for(claim, 10)
+    finally:
+        await locker.close()
+    assert len(tasks) == 1
+    assert store.stats["retried_operations"] >= 1
+    # The other run's task is still there for the taking.
+    others = await store.claim_workflow_tasks("q", "w2", 10, NOW + 60, NOW)
+    assert [t.run_id for t in others] == [r for r in ("run-1", "run-2") if r != tasks[0].run_id]

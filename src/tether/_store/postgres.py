@@ -149,8 +149,8 @@ class _Effects:
         if alone and not self.alone_sent and not self.wrote:
             self.alone_sent = True
             return
-        if read and self.alone_sent:
-            return  # after a lone statement, reads need no transaction either
+        if read and self.alone_sent and self.wrote:
+            return  # after a lone statement that wrote, only reads follow: no transaction
         self.unbegun = False
         await conn.execute("BEGIN")
 

@@ -623,29 +623,47 @@ class SqlStore(Store):
     async def claim_workflow_tasks(
         self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
     ) -> list[WorkflowTask]:
-        def op() -> Op[list[WorkflowTask]]:
-            token = self._token()
-            claimed = yield self._lease_ready(
-                "workflow_tasks", "run_id", "", (owner, token, lease_until, task_queue, now, limit)
-            )
-            if not claimed:
-                return []
-            # Read back after leasing, in a statement of its own: on PostgreSQL a newer
-            # snapshot than the lease's, so a run that another worker advanced just
-            # before the lease is read as it is now. Short histories come along: a
-            # worker without the run in its cache (new, evicted) needs no other read.
-            rows = yield Stmt(
-                ALL,
-                f"SELECT {_CLAIMED_TASK}, h.seq, h.type, h.time, h.data FROM workflow_tasks t "
-                "JOIN runs r ON r.run_id = t.run_id LEFT JOIN history h "
-                "ON h.run_id = t.run_id AND r.next_seq <= ? "
-                "WHERE t.task_queue = ? AND t.visible_at = ? AND t.token = ? "
-                "ORDER BY r.created_at, t.run_id, h.seq",
-                (CLAIM_HISTORY_EVENTS + 1, task_queue, lease_until, token),
-            )
-            return self._claimed_tasks(task_queue, token, rows)
+        token = self._token()
+        lease = self._lease_ready(
+            "workflow_tasks", "run_id", "", (owner, token, lease_until, task_queue, now, limit)
+        )
+        # Read back after leasing, in a statement of its own: on PostgreSQL a newer
+        # snapshot than the lease's, so a run that another worker advanced just before
+        # the lease is read as it is now. Short histories come along: a worker without
+        # the run in its cache (new, evicted) needs no other read.
+        read = Stmt(
+            ALL,
+            f"SELECT {_CLAIMED_TASK}, h.seq, h.type, h.time, h.data FROM workflow_tasks t "
+            "JOIN runs r ON r.run_id = t.run_id LEFT JOIN history h "
+            "ON h.run_id = t.run_id AND r.next_seq <= ? "
+            "WHERE t.task_queue = ? AND t.visible_at = ? AND t.token = ? "
+            "ORDER BY r.created_at, t.run_id, h.seq",
+            (CLAIM_HISTORY_EVENTS + 1, task_queue, lease_until, token),
+        )
+        rows = await self._execute_lease(self._lease_and_read(lease, read))
+        return self._claimed_tasks(task_queue, token, rows)
 
-        return await self._execute_lease(op)
+    @staticmethod
+    def _lease_and_read(lease: Stmt, read: Stmt) -> Callable[[], Op[list[Any]]]:
+        """An operation that leases rows (``lease``, under a token made once per call)
+        and reads them back (``read``). On a server the lease commits by itself
+        (``Stmt.alone``), so an attempt repeated after a failed read-back first reads
+        what an earlier attempt leased, instead of leasing more rows and stranding
+        those until their lease runs out."""
+        attempts = 0
+
+        def op() -> Op[list[Any]]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                rows = yield read
+                if rows:
+                    return list(rows)
+            if not (yield lease):
+                return []
+            return list((yield read))
+
+        return op
 
     @staticmethod
     def _claimed_tasks(task_queue: str, token: str, rows: list[Any]) -> list[WorkflowTask]:
@@ -1103,26 +1121,22 @@ class SqlStore(Store):
     async def claim_activity_tasks(
         self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
     ) -> list[ActivityTask]:
-        def op() -> Op[list[ActivityTask]]:
-            token = self._token()
-            claimed = yield self._lease_ready(
-                "activity_tasks",
-                "run_id, seq",
-                "AND owner IS NULL ",  # expired leases: expired_activity_tasks
-                (owner, token, lease_until, task_queue, now, limit),
-            )
-            if not claimed:
-                return []
-            rows = yield Stmt(
-                ALL,
-                f"SELECT {_ACTIVITY_COLUMNS} FROM activity_tasks a JOIN runs r "
-                "ON r.run_id = a.run_id WHERE a.task_queue = ? AND a.visible_at = ? "
-                "AND a.token = ? ORDER BY a.scheduled_at",
-                (task_queue, lease_until, token),
-            )
-            return [_activity(row) for row in rows]
-
-        return await self._execute_lease(op)
+        token = self._token()
+        lease = self._lease_ready(
+            "activity_tasks",
+            "run_id, seq",
+            "AND owner IS NULL ",  # expired leases: expired_activity_tasks
+            (owner, token, lease_until, task_queue, now, limit),
+        )
+        read = Stmt(
+            ALL,
+            f"SELECT {_ACTIVITY_COLUMNS} FROM activity_tasks a JOIN runs r "
+            "ON r.run_id = a.run_id WHERE a.task_queue = ? AND a.visible_at = ? "
+            "AND a.token = ? ORDER BY a.scheduled_at",
+            (task_queue, lease_until, token),
+        )
+        rows = await self._execute_lease(self._lease_and_read(lease, read))
+        return [_activity(row) for row in rows]
 
     async def heartbeat_activity(
         self, task: ActivityTask, details: Any, lease_until: float
