@@ -74,6 +74,7 @@ from tether._store.base import (
     WorkflowTask,
     WorkflowTaskCompletion,
     WorkflowTaskResult,
+    earliest,
 )
 from tether.common import RetryPolicy
 from tether.converter import PayloadConverter
@@ -947,7 +948,7 @@ class Engine:
                 self._wake(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
             # Tasks ready already are the claim loops' business, not a reason to wake here.
             timer_due, self._next_task_due = await self.store.next_due_times(after=now)
-            due = min((t for t in (timer_due, self._next_task_due) if t is not None), default=None)
+            due = earliest(timer_due, self._next_task_due)
             if due is None:
                 return _IDLE_POLL
             if due <= now:

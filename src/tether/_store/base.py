@@ -466,7 +466,7 @@ class Store(abc.ABC):
 
         With ``after``, tasks already ready by then do not count (a backlog waiting to
         be claimed is not a reason for a timer loop to wake); timers always do."""
-        return min((t for t in await self.next_due_times(after) if t is not None), default=None)
+        return earliest(*await self.next_due_times(after))
 
     @abc.abstractmethod
     async def next_due_times(self, after: float | None = None) -> tuple[float | None, float | None]:
@@ -591,3 +591,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+def earliest(*times: float | None) -> float | None:
+    """The earliest of ``times`` that are set, or None."""
+    return min((t for t in times if t is not None), default=None)

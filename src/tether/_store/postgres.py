@@ -186,15 +186,16 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
             else:
                 if pending:
                     await _flush(pending, conn, done)
-                await done.before(conn, stmt.alone, stmt.sql.startswith(_READ_PREFIXES))
+                read = stmt.sql.startswith(_READ_PREFIXES)
+                await done.before(conn, stmt.alone, read)
                 sql = translate(stmt.sql)
                 if kind == ONE:
                     result = await conn.fetchrow(sql, *stmt.params)
-                    if result is not None and not stmt.sql.startswith(_READ_PREFIXES):
+                    if result is not None and not read:
                         done.wrote = True
                 elif kind == ALL:
                     result = await conn.fetch(sql, *stmt.params)
-                    if result and not stmt.sql.startswith(_READ_PREFIXES):
+                    if result and not read:
                         done.wrote = True
                 else:
                     result = _rowcount(await conn.execute(sql, *stmt.params))
@@ -754,7 +755,7 @@ class PostgresStore(SqlStore):
         if self._closed:
             return
         self._closed = True
-        for _ in self._committers:
+        for _ in range(self.committer_count):
             self._queue.put_nowait(None)
         self._lease_queue.put_nowait(None)
         if self._committers:

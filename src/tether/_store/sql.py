@@ -655,13 +655,15 @@ class SqlStore(Store):
         def op() -> Op[list[Any]]:
             nonlocal attempts
             attempts += 1
+            rows: list[Any]
             if attempts > 1:
                 rows = yield read
                 if rows:
-                    return list(rows)
+                    return rows
             if not (yield lease):
                 return []
-            return list((yield read))
+            rows = yield read
+            return rows
 
         return op
 
