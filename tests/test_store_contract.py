@@ -486,3 +486,69 @@ async def test_an_update_accepted_by_the_closing_task_is_rejected(store: Store) 
     state = await store.get_update("run-1", "u1")
     assert state is not None and state.state == "rejected"
     assert state.failure is not None and state.failure["type"] == "WorkflowClosed"
+
+
+def complete(task: WorkflowTask) -> WorkflowTaskCompletion:
+    """Completes the run, with inputs seen up to the task's history."""
+    return WorkflowTaskCompletion(
+        task=task,
+        events=[(WORKFLOW_COMPLETED, {"result": None})],
+        inputs_through=task.history_length,
+        close=RunClose(status="completed"),
+    )
+
+
+def activity_and_timer(task: WorkflowTask) -> WorkflowTaskCompletion:
+    """Schedules activity 1 (not leased) and starts timer 2 (due at NOW + 5)."""
+    return dataclasses.replace(
+        schedule(task),
+        events=[
+            (ACTIVITY_SCHEDULED, {"seq": 1, "activity_type": "act"}),
+            (TIMER_STARTED, {"seq": 2, "fire_at": NOW + 5}),
+        ],
+        timers=[(2, NOW + 5)],
+    )
+
+
+async def test_closing_drops_the_work_left_of_its_run_only(store: Store) -> None:
+    """A closing task removes its run's activity tasks, timers and open updates, those
+    that came while it ran too, and nothing of other runs; a run that closes with
+    nothing left behind closes as well."""
+    await store.start_run(new_run())
+    await store.start_run(new_run("other", "run-2", "r2"))
+    await store.start_run(new_run("bare", "run-3", "r3"))
+    for task in await store.claim_workflow_tasks("q", "w1", 10, NOW + LEASE, NOW):
+        if task.run_id != "run-3":
+            await store.complete_workflow_task(activity_and_timer(task), "w1", NOW)
+        else:
+            await store.complete_workflow_task(complete(task), "w1", NOW)
+    await store.request_update("default", "wf", None, UpdateRequest("u1", "add", [1]), NOW)
+    task = await claim_one(store)
+    await store.request_update("default", "wf", None, UpdateRequest("u2", "add", [2]), NOW)
+    await store.complete_workflow_task(complete(task), "w1", NOW)
+    for update_id in ("u1", "u2"):
+        state = await store.get_update("run-1", update_id)
+        assert state is not None and state.state == "rejected", update_id
+    activities = await store.claim_activity_tasks("q", "w1", 10, NOW + LEASE, NOW)
+    assert [(a.run_id, a.seq) for a in activities] == [("run-2", 1)]
+    assert await store.fire_due_timers(NOW + 5, 10) == 1
+    woken = await store.claim_workflow_tasks("q", "w1", 10, NOW + 5 + LEASE, NOW + 5)
+    assert [t.run_id for t in woken] == ["run-2"]
+    closed = {r.run_id: r.status for r in await store.list_runs("default")}
+    assert closed == {"run-1": "completed", "run-2": "running", "run-3": "completed"}
+
+
+async def test_a_run_closed_by_an_activity_result_drops_its_timer(store: Store) -> None:
+    await store.start_run(new_run())
+    task = await claim_one(store)
+    started = dataclasses.replace(activity_and_timer(task), eager_activity_limit=1)
+    done = await store.complete_workflow_task(started, "w1", NOW)
+    (activity,) = done.eager_activities
+    woken = continue_after(task, done.task_version, done.history_length + 1)
+    result = await store.finish_activity_and_continue(
+        activity, {"seq": 1, "result": "ok"}, NOW + 1, woken, done.history_length + 1, "w1"
+    )
+    assert result is not None
+    assert (await store.get_run("default", "wf", None)).status == "completed"
+    assert await store.next_due_times() == (None, None)
+    assert await store.fire_due_timers(NOW + 5, 10) == 0

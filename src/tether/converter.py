@@ -27,6 +27,10 @@ def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
     return pydantic.TypeAdapter(hint)
 
 
+_AS_IS = (str, int, float, bool)
+"""Types whose values decode into themselves unchanged."""
+
+
 class PayloadConverter:
     """Encodes values to JSON-compatible data and decodes them into declared types."""
 
@@ -67,6 +71,8 @@ class PayloadConverter:
         """Validate ``data`` into ``hint`` (no conversion for a missing or ``Any`` hint)."""
         if hint is None or hint is Any or hint is inspect.Parameter.empty:
             return data
+        if type(data) is hint and hint in _AS_IS:
+            return data  # what validation would return, without its cost
         try:
             return _adapter(hint).validate_python(data)
         except pydantic.ValidationError as e:

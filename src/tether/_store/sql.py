@@ -165,6 +165,16 @@ _ADVANCED = f"inbound_seq, task_version, {_FAMILY}"
 """What a completion needs back from the UPDATE that advances its run (after the first
 seq of its events): the inputs watermark, the new version, and the run's family."""
 
+_LEFT_OVER = (
+    ", EXISTS (SELECT 1 FROM activity_tasks x WHERE x.run_id = runs.run_id), "
+    "EXISTS (SELECT 1 FROM timers x WHERE x.run_id = runs.run_id), "
+    "EXISTS (SELECT 1 FROM updates x WHERE x.run_id = runs.run_id "
+    "AND x.state IN ('requested', 'accepted'))"
+)
+"""Appended to ``_ADVANCED`` when the UPDATE closes the run and writes are serialized:
+which of the run's activity tasks, timers and open updates are left for the cleanup,
+so that it runs only the statements that change something."""
+
 _CLAIMED_TASK = (
     "t.run_id, r.workflow_id, r.workflow_type, r.namespace, t.attempt, r.task_version, "
     "r.next_seq, EXISTS (SELECT 1 FROM updates u WHERE u.run_id = t.run_id "
@@ -722,6 +732,7 @@ class SqlStore(Store):
                 "AND status = 'running' AND EXISTS (SELECT 1 FROM workflow_tasks w "
                 f"WHERE w.run_id = runs.run_id AND w.token = ?){guard} "
                 f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children"
+                f"{self._left_over(c)}"
             )
 
         inline = self._inline_writes(c, owner, now, events, "a", task_queued=True)
@@ -771,6 +782,11 @@ class SqlStore(Store):
             or c.cancel_children
         )
 
+    def _left_over(self, c: WorkflowTaskCompletion) -> str:
+        """``_LEFT_OVER`` if ``c`` closes its run and the transaction sees all there is:
+        with serialized writes nothing can commit between the UPDATE and the cleanup."""
+        return _LEFT_OVER if c.close is not None and not self.dialect.row_locks else ""
+
     @staticmethod
     def _close_columns(c: WorkflowTaskCompletion, now: float) -> tuple[str, tuple[Any, ...]]:
         """What a completion that closes its run adds to the UPDATE advancing the run (so
@@ -806,10 +822,11 @@ class SqlStore(Store):
         it (``advanced``: the first seq for ``events``, then ``_ADVANCED``);
         ``task_queued``: the run has a task row; ``inline``: not None if the advancing
         statement made the writes of ``_inline_writes`` already, and then the activity
-        tasks it leased to ``owner``."""
+        tasks it leased to ``owner``. ``_LEFT_OVER`` may follow ``_ADVANCED``."""
         task = c.task
         run_id = task.run_id
-        next_seq, inbound_seq, task_version, *family = advanced
+        next_seq, inbound_seq, task_version, *rest = advanced
+        family, left_over = rest[:3], rest[3:]
         if events:
             yield touch(Change.HISTORY)
         if events and inline is None:
@@ -886,7 +903,16 @@ class SqlStore(Store):
                 )
             # Not inline: the cleanup must see what committed meanwhile (an update
             # request, its task row), and follow this completion's own update states.
-            yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})")
+            left = None
+            if left_over:  # known before this completion's own writes: add those
+                activities, timers, updates = left_over
+                left = (
+                    task_queued,
+                    bool(activities or c.activities),
+                    bool(timers or c.timers),
+                    bool(updates or c.updates),
+                )
+            yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})", left)
         else:
             # inbound_seq is a watermark that every new input (event or update request)
             # raises: past what this task read means the workflow has more to do.
@@ -1237,7 +1263,7 @@ class SqlStore(Store):
                     return None  # the workflow no longer waits for this result
                 row = yield Stmt(
                     ONE,
-                    f"{advance} RETURNING next_seq - ?, {_ADVANCED}",
+                    f"{advance} RETURNING next_seq - ?, {_ADVANCED}{self._left_over(completion)}",
                     (*advance_params, len(events)),
                 )
             if row is None:  # the queued workflow task takes the result
@@ -1655,10 +1681,21 @@ class SqlStore(Store):
                 )
 
     @staticmethod
-    def _drop_run_work(run_id: str, why: str) -> Op[None]:
-        """A closed run has no pending work; its open updates are answered with ``why``."""
-        for table in ("workflow_tasks", "activity_tasks", "timers"):
-            yield Stmt(WRITE, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+    def _drop_run_work(
+        run_id: str, why: str, left: tuple[bool, bool, bool, bool] | None = None
+    ) -> Op[None]:
+        """A closed run has no pending work; its open updates are answered with ``why``.
+
+        ``left``: whether it may still have a workflow task, activity tasks, timers and
+        open updates, if known; only those are cleaned up (None: all)."""
+        left = left or (True, True, True, True)
+        for table, maybe in zip(
+            ("workflow_tasks", "activity_tasks", "timers"), left[:3], strict=True
+        ):
+            if maybe:
+                yield Stmt(WRITE, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        if not left[3]:
+            return
         failure = {"kind": "application", "type": "WorkflowClosed", "message": why}
         yield Stmt(
             WRITE,
