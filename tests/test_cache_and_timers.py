@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from tether import Worker, activity, workflow
+from tether._runtime.definitions import workflow_definition
+from tether._runtime.instance import WorkflowInfo, WorkflowInstance
+from tether._store.base import WORKFLOW_STARTED, Event
+from tether.converter import PayloadConverter
 from tether.testing import WorkflowEnvironment
 
 
@@ -46,6 +54,43 @@ async def test_tiny_cache_with_many_concurrent_workflows(env: WorkflowEnvironmen
     # Runs were evicted and rebuilt by replay many times over.
     assert stats["evictions"] > 100
     assert stats["replays"] > 200
+
+
+@workflow.defn
+class SleepsAndCalls:
+    @workflow.run
+    async def run(self, start: int) -> int:
+        napping = asyncio.ensure_future(asyncio.sleep(3600))
+        value = await workflow.execute_activity(increment, start, start_to_close_timeout=5)
+        await napping
+        return value
+
+
+@workflow.defn
+class Returns:
+    @workflow.run
+    async def run(self, start: int) -> int:
+        return start
+
+
+@pytest.mark.parametrize("workflow_class", [Counter, SleepsAndCalls, Returns])
+def test_an_evicted_run_is_freed_without_the_cycle_collector(workflow_class: type) -> None:
+    """The worker evicts runs all the time (cache full, closed): each must go at once,
+    not pile up as cyclic garbage whose collection costs more the more is alive."""
+    started = {"workflow_id": "w", "workflow_type": "t", "task_queue": "q", "args": [1]}
+    info = WorkflowInfo.from_started("run", 0.0, started)
+    instance = WorkflowInstance(workflow_definition(workflow_class), info, PayloadConverter())  # type: ignore[abstract]
+    commands = instance.apply([Event(1, WORKFLOW_STARTED, 0.0, {**started, "seed": 7})], 0.0)
+    assert commands  # waiting on an activity (and a timer), or closing
+    freed = weakref.ref(instance)
+    gc.collect()
+    gc.disable()
+    try:
+        instance.evict()
+        del instance
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 @workflow.defn

@@ -655,9 +655,25 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                         task.get_coro().close()  # type: ignore[union-attr]
                     except BaseException:
                         pass
+                    # The future it awaits holds its wake-up: cancelled, that goes to
+                    # ``_ready`` (cleared below) and no longer keeps the task alive.
+                    waiter = getattr(task, "_fut_waiter", None)
+                    if waiter is not None:
+                        waiter.cancel()
         finally:
             asyncio.events._set_running_loop(previous)
+        # Tasks, futures and timer handles point back at this loop: let go of them, so
+        # that the instance is freed at once rather than left to the cyclic garbage
+        # collector (whose passes grow with every object alive in the worker).
         self._ready.clear()
+        self._tasks.clear()
+        self._handlers.clear()
+        self._main = None
+        self._timers.clear()
+        self._activities.clear()
+        self._children.clear()
+        self._conditions.clear()
+        self.workflow_object = None
 
     # -- commands issued by workflow code ----------------------------------------
     def _command(self, event_type: str, data: dict[str, Any]) -> None:
