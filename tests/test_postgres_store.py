@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -11,7 +12,21 @@ import pytest
 
 from backends import database_url
 from tether import Client, InvalidArgumentError, StoreError, Worker, workflow
-from tether._store.base import NewRun, WorkflowTaskCompletion
+from tether._store.base import (
+    ACTIVITY_COMPLETED,
+    ACTIVITY_SCHEDULED,
+    TIMER_STARTED,
+    UPDATE_ACCEPTED,
+    WORKFLOW_COMPLETED,
+    WORKFLOW_TASK_COMPLETED,
+    ActivityTask,
+    NewActivity,
+    NewRun,
+    RunClose,
+    UpdateRequest,
+    UpdateState,
+    WorkflowTaskCompletion,
+)
 from tether._store.pg_statements import translate
 from tether._store.postgres import PostgresStore, redact
 from tether._store.sql import ONE, Op, Stmt
@@ -372,3 +387,118 @@ async def test_a_claim_whose_read_back_fails_keeps_what_it_leased(
     # The other run's task is still there for the taking.
     others = await store.claim_workflow_tasks("q", "w2", 10, NOW + 60, NOW)
     assert [t.run_id for t in others] == [r for r in ("run-1", "run-2") if r != tasks[0].run_id]
+
+
+async def _activity_running(
+    store: PostgresStore, *, timer: bool = False, update: bool = False
+) -> tuple[ActivityTask, WorkflowTaskCompletion, int]:
+    """Run 1 with activity 1 leased to worker "w" and its cached instance's next task,
+    which closes the run, and that task's first seq. ``timer``: timer 2 is pending and
+    activity 3 queued too; ``update``: update u0 was accepted and is still running."""
+    await store.start_run(new_run(1))
+    if update:
+        await store.request_update("default", "wf-1", None, UpdateRequest("u0", "add", []), NOW)
+    (task,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
+    events = [(ACTIVITY_SCHEDULED, {"seq": 1, "activity_type": "act"})]
+    activities = [NewActivity(1, "act", "q", [], {"retry_policy": {}})]
+    first = WorkflowTaskCompletion(
+        task=task,
+        events=events,
+        inputs_through=task.history_length,
+        activities=activities,
+        eager_activity_limit=1,
+        activity_lease_until=NOW + 60,
+    )
+    if timer:
+        first.events += [
+            (TIMER_STARTED, {"seq": 2, "fire_at": NOW + 5}),
+            (ACTIVITY_SCHEDULED, {"seq": 3, "activity_type": "act"}),
+        ]
+        first.timers.append((2, NOW + 5))
+        activities.append(NewActivity(3, "act", "q", [], {"retry_policy": {}}))
+    if update:
+        first.events.insert(0, (UPDATE_ACCEPTED, {"update_id": "u0", "name": "add", "args": []}))
+        first.updates.append(UpdateState("run-1", "u0", "accepted"))
+    done = await store.complete_workflow_task(first, "w", NOW)
+    (activity,) = done.eager_activities
+    seq = done.history_length + 1
+    woken = dataclasses.replace(task, token="", task_version=done.task_version, history_length=seq)
+    closing = WorkflowTaskCompletion(
+        task=woken,
+        events=[(WORKFLOW_COMPLETED, {"result": "done"})],
+        inputs_through=seq,
+        close=RunClose("completed", {"result": "done"}),
+    )
+    return activity, closing, seq
+
+
+async def test_an_activity_result_that_closes_its_run_is_one_lone_statement(
+    postgres_store: PostgresStore,
+) -> None:
+    """Result, closing task and the run's cleanup (its timer, its queued activity, its
+    open update) commit as one statement with no transaction around it."""
+    store = postgres_store
+    activity, closing, seq = await _activity_running(store, timer=True, update=True)
+    alone = store.stats["operations_alone"]
+    result = await store.finish_activity_and_continue(
+        activity, {"seq": 1, "result": "ok"}, NOW + 1, closing, seq, "w"
+    )
+    assert result is not None and not result.more_work
+    assert store.stats["operations_alone"] == alone + 1
+    assert (await store.get_run("default", "wf-1", None)).status == "completed"
+    assert await store.next_due_times() == (None, None)
+    assert await store.claim_activity_tasks("q", "w", 10, NOW + 60, NOW + 1) == []
+    state = await store.get_update("run-1", "u0")
+    assert state is not None and state.state == "rejected"
+    assert [e.type for e in await store.read_history("run-1", after_seq=seq - 1)] == [
+        ACTIVITY_COMPLETED,
+        WORKFLOW_COMPLETED,
+        WORKFLOW_TASK_COMPLETED,
+    ]
+
+
+async def test_an_update_requested_while_the_result_commits_keeps_the_run_open(
+    fresh_postgres: str, postgres_store: PostgresStore
+) -> None:
+    """An update request commits after the lone statement took its snapshot and before
+    it got the run's row: the statement sees the raised inputs watermark on the newest
+    row and changes nothing; the result goes to the workflow task the request queued,
+    and the update stays waiting for it (not rejected by a close)."""
+    store = postgres_store
+    activity, closing, seq = await _activity_running(store)
+    locker = await asyncpg.connect(fresh_postgres)
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute(
+            "INSERT INTO updates (run_id, update_id, name, args, state, created_at) "
+            "VALUES ('run-1', 'u1', 'add', '[]', 'requested', $1)",
+            NOW,
+        )
+        await locker.execute("UPDATE runs SET inbound_seq = next_seq WHERE run_id = 'run-1'")
+        await locker.execute(
+            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES ('run-1', 'q', $1)",
+            NOW,
+        )
+        finishing = asyncio.ensure_future(
+            store.finish_activity_and_continue(
+                activity, {"seq": 1, "result": "ok"}, NOW + 1, closing, seq, "w"
+            )
+        )
+        deadline = time.monotonic() + 5
+        while not await pg_column(
+            fresh_postgres,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'",
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        await locker.execute("COMMIT")
+        assert await asyncio.wait_for(finishing, 10) is None
+    finally:
+        await locker.close()
+    assert (await store.get_run("default", "wf-1", None)).status == "running"
+    state = await store.get_update("run-1", "u1")
+    assert state is not None and state.state == "requested"
+    (queued,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW + 1)
+    assert queued.history_length == seq
+    assert (await store.read_history("run-1", after_seq=seq - 1))[0].type == ACTIVITY_COMPLETED

@@ -322,6 +322,7 @@ class PostgresStore(SqlStore):
         self.stats = {
             "batches": 0,
             "operations": 0,
+            "operations_alone": 0,
             "isolated_batches": 0,
             "retried_operations": 0,
             "connections": 0,
@@ -595,6 +596,8 @@ class PostgresStore(SqlStore):
             assert not isinstance(outcome, _Failed)
             results += outcome[0]
             changes = outcome[1]
+            if alone is not None and alone.alone_sent and alone.unbegun and results[0][1]:
+                self.stats["operations_alone"] += 1  # all of it in one lone statement
             if conn.is_in_transaction():
                 committing = True
                 # The payload says which kinds of work became available (``Change``).

@@ -773,7 +773,13 @@ class SqlStore(Store):
         """Whether the one-statement completion can be all of it: when no input came in
         meanwhile, nothing follows unless the task closes the run or touches updates,
         timers or activities it cancels, children or search attributes."""
-        return c.close is None and not (
+        return c.close is None and SqlStore._nothing_after(c)
+
+    @staticmethod
+    def _nothing_after(c: WorkflowTaskCompletion) -> bool:
+        """Whether ``c`` has none of the writes that ``_record_task`` makes after the
+        advancing statement whatever the run's state (a close has its own)."""
+        return c.continue_as_new is None and not (
             c.cancel_timers
             or c.cancel_activities
             or c.updates
@@ -817,12 +823,15 @@ class SqlStore(Store):
         advanced: Any,
         task_queued: bool,
         inline: list[ActivityTask] | None = None,
+        cleaned: bool = False,
     ) -> Op[WorkflowTaskResult]:
         """The rest of a completion once the run has advanced, and closed if ``c`` closes
         it (``advanced``: the first seq for ``events``, then ``_ADVANCED``);
         ``task_queued``: the run has a task row; ``inline``: not None if the advancing
         statement made the writes of ``_inline_writes`` already, and then the activity
-        tasks it leased to ``owner``. ``_LEFT_OVER`` may follow ``_ADVANCED``."""
+        tasks it leased to ``owner``. ``_LEFT_OVER`` may follow ``_ADVANCED``.
+        ``cleaned``: the advancing statement closed a run with no family and removed
+        its work too (``_lone_continue``)."""
         task = c.task
         run_id = task.run_id
         next_seq, inbound_seq, task_version, *rest = advanced
@@ -903,8 +912,10 @@ class SqlStore(Store):
                 )
             # Not inline: the cleanup must see what committed meanwhile (an update
             # request, its task row), and follow this completion's own update states.
-            left = None
-            if left_over:  # known before this completion's own writes: add those
+            left: tuple[bool, bool, bool, bool] | None = None
+            if cleaned:
+                left = (False, False, False, False)
+            elif left_over:  # known before this completion's own writes: add those
                 activities, timers, updates = left_over
                 left = (
                     task_queued,
@@ -1235,6 +1246,17 @@ class SqlStore(Store):
             inline = self._inline_writes(completion, owner, now, events, "advanced", False)
             if self.dialect.writes_in_with:  # both steps in one round trip
                 ctes, inline_params, done = inline or ("", [], None)
+                if inline is not None and self._nothing_after(completion):
+                    lone = self._lone_continue(
+                        task, completion, advance, advance_params, len(events), ctes, inline_params
+                    )
+                    row = yield Stmt(ONE, lone[0], lone[1], alone=True)
+                    if row is not None:  # it did it all (else it changed nothing)
+                        return (
+                            yield from self._record_task(
+                                completion, owner, now, events, row, False, done, cleaned=True
+                            )
+                        )
                 both = yield Stmt(
                     ONE,
                     f"WITH done AS ({_END_ACTIVITY}), advanced AS ({advance} "
@@ -1272,6 +1294,60 @@ class SqlStore(Store):
             return (yield from self._record_task(completion, owner, now, events, row, False, done))
 
         return await self._execute(op, writes=True)
+
+    def _lone_continue(
+        self,
+        task: ActivityTask,
+        c: WorkflowTaskCompletion,
+        advance: str,
+        advance_params: tuple[Any, ...],
+        events: int,
+        ctes: str,
+        inline_params: list[Any],
+    ) -> tuple[str, list[Any]]:
+        """``finish_activity_and_continue`` as one statement that needs no transaction
+        around it (``Stmt.alone``): it changes nothing unless it can do all of it.
+
+        That is when the activity still holds its lease and nobody cancelled it, no
+        input came in since the cached instance's last task (``inbound_seq`` below the
+        result's seq: every input raises it, and the UPDATE re-checks it against the
+        newest row version), and, if the run closes, it has no parent or running child
+        to tell. The run's other work goes in the same statement: with no input since,
+        only the run's own earlier tasks made any, and the snapshot holds it all."""
+        closing = c.close is not None
+        guard = " AND inbound_seq < ?"
+        expected_seq = advance_params[-1]
+        params = [task.run_id, task.seq, task.token, *advance_params, expected_seq, events]
+        if closing:
+            guard += (
+                " AND parent_run_id IS NULL AND NOT EXISTS (SELECT 1 FROM runs c "
+                "WHERE c.parent_run_id = runs.run_id AND c.status = 'running')"
+            )
+        which = "" if closing else " AND seq = ?"
+        params += [task.run_id] if closing else [task.run_id, task.seq]
+        cleanup = ""
+        params += inline_params
+        if closing:
+            assert c.close is not None
+            cleanup = (
+                ", t AS (DELETE FROM timers WHERE run_id = ? AND EXISTS "
+                "(SELECT 1 FROM advanced)), u AS (UPDATE updates SET state = 'rejected', "
+                "failure = ? WHERE run_id = ? AND state IN ('requested', 'accepted') "
+                "AND EXISTS (SELECT 1 FROM advanced))"
+            )
+            failure = self._closed_failure(f"the workflow closed ({c.close.status})")
+            params += [task.run_id, dumps(failure), task.run_id]
+        sql = (
+            "WITH lease AS (SELECT 1 FROM activity_tasks WHERE run_id = ? AND seq = ? "
+            "AND token = ? AND cancel_requested = 0 FOR UPDATE), "
+            f"advanced AS ({advance}{guard} AND EXISTS (SELECT 1 FROM lease) "
+            f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children), "
+            f"done AS (DELETE FROM activity_tasks WHERE run_id = ?{which} "
+            f"AND EXISTS (SELECT 1 FROM advanced)){ctes}{cleanup} "
+            "SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, "
+            "has_children FROM advanced"
+        )
+        return sql, params
 
     def _claim_woken_task(
         self, run_id: str, claim: EagerClaim, now: float
@@ -1681,6 +1757,11 @@ class SqlStore(Store):
                 )
 
     @staticmethod
+    def _closed_failure(why: str) -> dict[str, Any]:
+        """How the open updates of a run that closed are answered."""
+        return {"kind": "application", "type": "WorkflowClosed", "message": why}
+
+    @staticmethod
     def _drop_run_work(
         run_id: str, why: str, left: tuple[bool, bool, bool, bool] | None = None
     ) -> Op[None]:
@@ -1696,7 +1777,7 @@ class SqlStore(Store):
                 yield Stmt(WRITE, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
         if not left[3]:
             return
-        failure = {"kind": "application", "type": "WorkflowClosed", "message": why}
+        failure = SqlStore._closed_failure(why)
         yield Stmt(
             WRITE,
             "UPDATE updates SET state = 'rejected', failure = ? WHERE run_id = ? "
