@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -32,6 +33,7 @@ from tether._store.postgres import PostgresStore, redact
 from tether._store.sql import ONE, Op, Stmt
 
 NOW = 1_000_000.0
+T = TypeVar("T")
 
 
 def new_run(n: int) -> NewRun:
@@ -457,16 +459,11 @@ async def test_an_activity_result_that_closes_its_run_is_one_lone_statement(
     ]
 
 
-async def test_an_update_requested_while_the_result_commits_keeps_the_run_open(
-    fresh_postgres: str, postgres_store: PostgresStore
-) -> None:
-    """An update request commits after the lone statement took its snapshot and before
-    it got the run's row: the statement sees the raised inputs watermark on the newest
-    row and changes nothing; the result goes to the workflow task the request queued,
-    and the update stays waiting for it (not rejected by a close)."""
-    store = postgres_store
-    activity, closing, seq = await _activity_running(store)
-    locker = await asyncpg.connect(fresh_postgres)
+async def _update_request_commits_during(url: str, call: Awaitable[T]) -> T:
+    """Await ``call`` while an update request for run 1 commits: after the call's
+    statement took its snapshot, before it got the run's row (written here as the
+    store's request does: the update, the raised inputs watermark, a queued task)."""
+    locker = await asyncpg.connect(url)
     try:
         await locker.execute("BEGIN")
         await locker.execute(
@@ -476,29 +473,86 @@ async def test_an_update_requested_while_the_result_commits_keeps_the_run_open(
         )
         await locker.execute("UPDATE runs SET inbound_seq = next_seq WHERE run_id = 'run-1'")
         await locker.execute(
-            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) VALUES ('run-1', 'q', $1)",
+            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) "
+            "VALUES ('run-1', 'q', $1) ON CONFLICT (run_id) DO NOTHING",
             NOW,
         )
-        finishing = asyncio.ensure_future(
-            store.finish_activity_and_continue(
-                activity, {"seq": 1, "result": "ok"}, NOW + 1, closing, seq, "w"
-            )
-        )
+        running = asyncio.ensure_future(call)
         deadline = time.monotonic() + 5
         while not await pg_column(
-            fresh_postgres,
+            url,
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
             "AND wait_event_type = 'Lock'",
         ):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
         await locker.execute("COMMIT")
-        assert await asyncio.wait_for(finishing, 10) is None
+        return await asyncio.wait_for(running, 10)
     finally:
         await locker.close()
+
+
+async def test_an_update_requested_while_the_result_commits_keeps_the_run_open(
+    fresh_postgres: str, postgres_store: PostgresStore
+) -> None:
+    """The lone statement sees the raised inputs watermark on the newest row and
+    changes nothing; the result goes to the workflow task the request queued, and the
+    update stays waiting for it (not rejected by a close)."""
+    store = postgres_store
+    activity, closing, seq = await _activity_running(store)
+    finishing = store.finish_activity_and_continue(
+        activity, {"seq": 1, "result": "ok"}, NOW + 1, closing, seq, "w"
+    )
+    assert await _update_request_commits_during(fresh_postgres, finishing) is None
     assert (await store.get_run("default", "wf-1", None)).status == "running"
     state = await store.get_update("run-1", "u1")
     assert state is not None and state.state == "requested"
     (queued,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW + 1)
     assert queued.history_length == seq
     assert (await store.read_history("run-1", after_seq=seq - 1))[0].type == ACTIVITY_COMPLETED
+
+
+async def _closing_task(store: PostgresStore) -> WorkflowTaskCompletion:
+    """Run 1 as ``_activity_running(timer=True, update=True)`` leaves it, then signalled:
+    the completion of the woken task, which closes the run."""
+    await _activity_running(store, timer=True, update=True)
+    await store.signal_run("default", "wf-1", None, "poke", [], NOW)
+    (task,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
+    return WorkflowTaskCompletion(
+        task=task,
+        events=[(WORKFLOW_COMPLETED, {"result": None})],
+        inputs_through=task.history_length,
+        close=RunClose("completed"),
+    )
+
+
+async def test_a_task_that_closes_its_run_is_one_lone_statement(
+    postgres_store: PostgresStore,
+) -> None:
+    store = postgres_store
+    closing = await _closing_task(store)
+    alone = store.stats["operations_alone"]
+    await store.complete_workflow_task(closing, "w", NOW)
+    assert store.stats["operations_alone"] == alone + 1
+    assert (await store.get_run("default", "wf-1", None)).status == "completed"
+    assert await store.next_due_times() == (None, None)
+    assert await store.claim_activity_tasks("q", "w", 10, NOW + 60, NOW) == []
+    assert await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW) == []
+    state = await store.get_update("run-1", "u0")
+    assert state is not None and state.state == "rejected"
+
+
+async def test_an_update_requested_while_the_closing_task_commits_is_rejected(
+    fresh_postgres: str, postgres_store: PostgresStore
+) -> None:
+    """The lone closing statement changes nothing; the transaction that closes the run
+    instead sees the request and answers it (else it would wait forever)."""
+    store = postgres_store
+    closing = await _closing_task(store)
+    await _update_request_commits_during(
+        fresh_postgres, store.complete_workflow_task(closing, "w", NOW)
+    )
+    assert (await store.get_run("default", "wf-1", None)).status == "completed"
+    state = await store.get_update("run-1", "u1")
+    assert state is not None and state.state == "rejected"
+    assert await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW) == []

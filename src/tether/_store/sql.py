@@ -165,6 +165,13 @@ _ADVANCED = f"inbound_seq, task_version, {_FAMILY}"
 """What a completion needs back from the UPDATE that advances its run (after the first
 seq of its events): the inputs watermark, the new version, and the run's family."""
 
+_NO_FAMILY = (
+    " AND parent_run_id IS NULL AND NOT EXISTS (SELECT 1 FROM runs c "
+    "WHERE c.parent_run_id = runs.run_id AND c.status = 'running')"
+)
+"""Guard of a closing UPDATE with nothing to follow it: no parent to tell, no running
+child to apply the parent-close policy to (``_run_closed`` writes for those)."""
+
 _LEFT_OVER = (
     ", EXISTS (SELECT 1 FROM activity_tasks x WHERE x.run_id = runs.run_id), "
     "EXISTS (SELECT 1 FROM timers x WHERE x.run_id = runs.run_id), "
@@ -743,15 +750,28 @@ class SqlStore(Store):
                 " SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, "
                 "has_children FROM a"
             )
-            if self._complete_alone(c):
-                # By itself when no input came in meanwhile: then nothing follows it.
+            cleanup_params: list[Any]
+            if self._nothing_after(c):
+                # By itself when no input came in meanwhile (and a run it closes has no
+                # family to tell): then nothing follows it, a close's cleanup is in it.
                 # Else it writes nothing, and the statement below does it all.
+                guard = " AND inbound_seq <= ?"
+                cleanup, cleanup_params = "", []
+                if c.close is not None:
+                    guard += _NO_FAMILY
+                    cleanup, cleanup_params = self._cleanup_ctes(c, "a", task_row=True)
                 row = yield Stmt(
                     ONE,
-                    f"WITH a AS ({advance(' AND inbound_seq <= ?')}){ctes}{returning}",
-                    (*params, c.inputs_through, len(events), *inline_params),
+                    f"WITH a AS ({advance(guard)}){ctes}{cleanup}{returning}",
+                    (*params, c.inputs_through, len(events), *inline_params, *cleanup_params),
                     alone=True,
                 )
+                if row is not None and c.close is not None:
+                    return (
+                        yield from self._record_task(
+                            c, owner, now, events, row, True, done, cleaned=True
+                        )
+                    )
             if row is None:
                 row = yield Stmt(
                     ONE,
@@ -767,13 +787,6 @@ class SqlStore(Store):
                 f"(or the run advanced past task version {task.task_version})"
             )
         return (yield from self._record_task(c, owner, now, events, row, True, done))
-
-    @staticmethod
-    def _complete_alone(c: WorkflowTaskCompletion) -> bool:
-        """Whether the one-statement completion can be all of it: when no input came in
-        meanwhile, nothing follows unless the task closes the run or touches updates,
-        timers or activities it cancels, children or search attributes."""
-        return c.close is None and SqlStore._nothing_after(c)
 
     @staticmethod
     def _nothing_after(c: WorkflowTaskCompletion) -> bool:
@@ -1315,28 +1328,19 @@ class SqlStore(Store):
         to tell. The run's other work goes in the same statement: with no input since,
         only the run's own earlier tasks made any, and the snapshot holds it all."""
         closing = c.close is not None
-        guard = " AND inbound_seq < ?"
+        guard = " AND inbound_seq < ?" + (_NO_FAMILY if closing else "")
         expected_seq = advance_params[-1]
         params = [task.run_id, task.seq, task.token, *advance_params, expected_seq, events]
-        if closing:
-            guard += (
-                " AND parent_run_id IS NULL AND NOT EXISTS (SELECT 1 FROM runs c "
-                "WHERE c.parent_run_id = runs.run_id AND c.status = 'running')"
-            )
+        # Closing: all of the run's activity tasks go (this one among them).
         which = "" if closing else " AND seq = ?"
         params += [task.run_id] if closing else [task.run_id, task.seq]
-        cleanup = ""
         params += inline_params
+        cleanup = ""
         if closing:
-            assert c.close is not None
-            cleanup = (
-                ", t AS (DELETE FROM timers WHERE run_id = ? AND EXISTS "
-                "(SELECT 1 FROM advanced)), u AS (UPDATE updates SET state = 'rejected', "
-                "failure = ? WHERE run_id = ? AND state IN ('requested', 'accepted') "
-                "AND EXISTS (SELECT 1 FROM advanced))"
+            cleanup, cleanup_params = self._cleanup_ctes(
+                c, "advanced", task_row=False, activities=False
             )
-            failure = self._closed_failure(f"the workflow closed ({c.close.status})")
-            params += [task.run_id, dumps(failure), task.run_id]
+            params += cleanup_params
         sql = (
             "WITH lease AS (SELECT 1 FROM activity_tasks WHERE run_id = ? AND seq = ? "
             "AND token = ? AND cancel_requested = 0 FOR UPDATE), "
@@ -1755,6 +1759,29 @@ class SqlStore(Store):
                 yield from self._append_inbound(
                     child_id, WORKFLOW_CANCEL_REQUESTED, {"reason": "its parent closed"}, now
                 )
+
+    def _cleanup_ctes(
+        self, c: WorkflowTaskCompletion, source: str, *, task_row: bool, activities: bool = True
+    ) -> tuple[str, list[Any]]:
+        """``_drop_run_work`` for the run ``c`` closes, as CTEs that act only if the CTE
+        ``source`` (the closing UPDATE) matched: for a statement whose guard makes sure
+        nothing of the run committed since its snapshot (no input came in)."""
+        assert c.close is not None
+        run_id = c.task.run_id
+        tables = [("workflow_tasks", task_row), ("activity_tasks", activities), ("timers", True)]
+        members = [
+            f"DELETE FROM {table} WHERE run_id = ? AND EXISTS (SELECT 1 FROM {source})"
+            for table, wanted in tables
+            if wanted
+        ]
+        params: list[Any] = [run_id] * len(members)
+        members.append(
+            "UPDATE updates SET state = 'rejected', failure = ? WHERE run_id = ? "
+            f"AND state IN ('requested', 'accepted') AND EXISTS (SELECT 1 FROM {source})"
+        )
+        failure = self._closed_failure(f"the workflow closed ({c.close.status})")
+        params += [dumps(failure), run_id]
+        return "".join(f", c{i} AS ({sql})" for i, sql in enumerate(members)), params
 
     @staticmethod
     def _closed_failure(why: str) -> dict[str, Any]:
