@@ -597,7 +597,8 @@ class PostgresStore(SqlStore):
             results += outcome[0]
             changes = outcome[1]
             if alone is not None and alone.alone_sent and alone.unbegun and results[0][1]:
-                self.stats["operations_alone"] += 1  # all of it in one lone statement
+                # Done with no transaction: in one lone statement (and its reads).
+                self.stats["operations_alone"] += 1
             if conn.is_in_transaction():
                 committing = True
                 # The payload says which kinds of work became available (``Change``).

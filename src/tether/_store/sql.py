@@ -1261,7 +1261,12 @@ class SqlStore(Store):
                 ctes, inline_params, done = inline or ("", [], None)
                 if inline is not None and self._nothing_after(completion):
                     lone = self._lone_continue(
-                        task, completion, advance, advance_params, len(events), ctes, inline_params
+                        task,
+                        completion,
+                        (advance, advance_params),
+                        expected_seq,
+                        len(events),
+                        (ctes, inline_params),
                     )
                     row = yield Stmt(ONE, lone[0], lone[1], alone=True)
                     if row is not None:  # it did it all (else it changed nothing)
@@ -1312,11 +1317,10 @@ class SqlStore(Store):
         self,
         task: ActivityTask,
         c: WorkflowTaskCompletion,
-        advance: str,
-        advance_params: tuple[Any, ...],
+        advance: tuple[str, tuple[Any, ...]],
+        expected_seq: int,
         events: int,
-        ctes: str,
-        inline_params: list[Any],
+        inline: tuple[str, list[Any]],
     ) -> tuple[str, list[Any]]:
         """``finish_activity_and_continue`` as one statement that needs no transaction
         around it (``Stmt.alone``): it changes nothing unless it can do all of it.
@@ -1329,7 +1333,7 @@ class SqlStore(Store):
         only the run's own earlier tasks made any, and the snapshot holds it all."""
         closing = c.close is not None
         guard = " AND inbound_seq < ?" + (_NO_FAMILY if closing else "")
-        expected_seq = advance_params[-1]
+        (advance_sql, advance_params), (ctes, inline_params) = advance, inline
         params = [task.run_id, task.seq, task.token, *advance_params, expected_seq, events]
         # Closing: all of the run's activity tasks go (this one among them).
         which = "" if closing else " AND seq = ?"
@@ -1344,7 +1348,7 @@ class SqlStore(Store):
         sql = (
             "WITH lease AS (SELECT 1 FROM activity_tasks WHERE run_id = ? AND seq = ? "
             "AND token = ? AND cancel_requested = 0 FOR UPDATE), "
-            f"advanced AS ({advance}{guard} AND EXISTS (SELECT 1 FROM lease) "
+            f"advanced AS ({advance_sql}{guard} AND EXISTS (SELECT 1 FROM lease) "
             f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children), "
             f"done AS (DELETE FROM activity_tasks WHERE run_id = ?{which} "
             f"AND EXISTS (SELECT 1 FROM advanced)){ctes}{cleanup} "
