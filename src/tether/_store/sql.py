@@ -156,9 +156,16 @@ _ACTIVITY_COLUMNS = (
 )
 
 
+_OPEN = "closed_at IS NULL"
+"""A run is running exactly while it has no ``closed_at`` (every close sets it). The
+hot statements that find a run by id say so rather than ``status = 'running'``: that
+condition matches the partial index of open runs, and PostgreSQL's cached generic
+plans, made while a fresh database was small, then scan that whole index for one run
+(milliseconds per statement at 10,000 open runs)."""
+
 _FAMILY = (
     "parent_run_id, parent_seq, EXISTS (SELECT 1 FROM runs c "
-    "WHERE c.parent_run_id = runs.run_id AND c.status = 'running')"
+    f"WHERE c.parent_run_id = runs.run_id AND c.{_OPEN})"
 )
 """A run's parent (id, seq) and whether it has running children."""
 _ADVANCED = f"inbound_seq, task_version, {_FAMILY}"
@@ -167,7 +174,7 @@ seq of its events): the inputs watermark, the new version, and the run's family.
 
 _NO_FAMILY = (
     " AND parent_run_id IS NULL AND NOT EXISTS (SELECT 1 FROM runs c "
-    "WHERE c.parent_run_id = runs.run_id AND c.status = 'running')"
+    f"WHERE c.parent_run_id = runs.run_id AND c.{_OPEN})"
 )
 """Guard of a closing UPDATE with nothing to follow it: no parent to tell, no running
 child to apply the parent-close policy to (``_run_closed`` writes for those)."""
@@ -582,7 +589,7 @@ class SqlStore(Store):
         row = yield Stmt(
             ONE,
             "UPDATE runs SET next_seq = next_seq + 1, inbound_seq = next_seq "
-            "WHERE run_id = ? AND status = 'running' RETURNING next_seq - 1, task_queue",
+            f"WHERE run_id = ? AND {_OPEN} RETURNING next_seq - 1, task_queue",
             (run_id,),
         )
         if row is None:
@@ -736,7 +743,7 @@ class SqlStore(Store):
             return (
                 "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
                 f"next_seq = next_seq + ?{close_sql} WHERE run_id = ? AND task_version = ? "
-                "AND status = 'running' AND EXISTS (SELECT 1 FROM workflow_tasks w "
+                f"AND {_OPEN} AND EXISTS (SELECT 1 FROM workflow_tasks w "
                 f"WHERE w.run_id = runs.run_id AND w.token = ?){guard} "
                 f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children"
                 f"{self._left_over(c)}"
@@ -1251,7 +1258,7 @@ class SqlStore(Store):
             advance = (
                 "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
                 f"next_seq = next_seq + ?, inbound_seq = next_seq{close_sql} WHERE run_id = ? "
-                "AND task_version = ? AND next_seq = ? AND status = 'running' "
+                f"AND task_version = ? AND next_seq = ? AND {_OPEN} "
                 "AND NOT EXISTS (SELECT 1 FROM workflow_tasks w WHERE w.run_id = runs.run_id)"
             )
             advance_params = (len(events), *close_params, task.run_id, task_version, expected_seq)
@@ -1453,7 +1460,7 @@ class SqlStore(Store):
             appended += yield Stmt(
                 ALL,
                 "UPDATE runs SET next_seq = next_seq + 1, inbound_seq = next_seq "
-                f"WHERE run_id IN ({_ID_LIST}) AND status = 'running' "
+                f"WHERE run_id IN ({_ID_LIST}) AND {_OPEN} "
                 "RETURNING run_id, next_seq - 1, task_queue",
                 (*chunk, *[None] * (_ID_CHUNK - len(chunk))),
             )
