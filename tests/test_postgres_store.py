@@ -28,6 +28,7 @@ from tether._store.base import (
     UpdateState,
     WorkflowTaskCompletion,
 )
+from tether._store.changes import Change
 from tether._store.pg_statements import translate
 from tether._store.postgres import PostgresStore, redact
 from tether._store.sql import ONE, Op, Stmt
@@ -110,6 +111,8 @@ async def test_commits_of_one_process_wake_another(fresh_postgres: str) -> None:
         await asyncio.wait_for(waiter, 2.0)
         assert time.monotonic() - started < 0.5
         assert b.stats["notifications"] >= 1
+        # The lone start said so from within its statement: no NOTIFY of its own.
+        assert a.stats["operations_alone"] == 1 and a.stats["notify_transactions"] == 0
         # A claim that finds nothing changes nothing and wakes nobody.
         quiet = b.change_waiter()
         await a.claim_workflow_tasks("other-queue", "w", 10, NOW + 10, NOW)
@@ -435,18 +438,27 @@ async def _activity_running(
 
 
 async def test_an_activity_result_that_closes_its_run_is_one_lone_statement(
-    postgres_store: PostgresStore,
+    fresh_postgres: str, postgres_store: PostgresStore
 ) -> None:
     """Result, closing task and the run's cleanup (its timer, its queued activity, its
-    open update) commit as one statement with no transaction around it."""
+    open update) commit as one statement with no transaction around it, which also
+    tells other processes that the run closed."""
     store = postgres_store
     activity, closing, seq = await _activity_running(store, timer=True, update=True)
-    alone = store.stats["operations_alone"]
-    result = await store.finish_activity_and_continue(
-        activity, {"seq": 1, "result": "ok"}, NOW + 1, closing, seq, "w"
-    )
+    other = await PostgresStore.open(fresh_postgres)
+    try:
+        closed = other.change_waiter(Change.RUN_CLOSED)
+        alone = store.stats["operations_alone"]
+        sent = store.stats["notify_transactions"]
+        result = await store.finish_activity_and_continue(
+            activity, {"seq": 1, "result": "ok"}, NOW + 1, closing, seq, "w"
+        )
+        await asyncio.wait_for(closed, 2.0)
+    finally:
+        await other.close()
     assert result is not None and not result.more_work
     assert store.stats["operations_alone"] == alone + 1
+    assert store.stats["notify_transactions"] == sent
     assert (await store.get_run("default", "wf-1", None)).status == "completed"
     assert await store.next_due_times() == (None, None)
     assert await store.claim_activity_tasks("q", "w", 10, NOW + 60, NOW + 1) == []

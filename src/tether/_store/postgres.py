@@ -48,7 +48,17 @@ import asyncpg
 from tether._store import migrations
 from tether._store.changes import Change, ChangeWaiters
 from tether._store.pg_statements import DeferredWrites, translate
-from tether._store.sql import ALL, MANY, ONE, TOUCH, WRITE, Dialect, Op, SqlStore
+from tether._store.sql import (
+    ALL,
+    MANY,
+    NOTIFY_MARK,
+    ONE,
+    TOUCH,
+    WRITE,
+    Dialect,
+    Op,
+    SqlStore,
+)
 from tether.exceptions import StoreError
 
 logger = logging.getLogger("tether.store")
@@ -129,7 +139,7 @@ class _Effects:
     """What an operation did besides its result: changed rows, kinds of work touched,
     and whether its transaction has begun."""
 
-    __slots__ = ("alone_sent", "changes", "unbegun", "wrote")
+    __slots__ = ("alone_sent", "announced", "changes", "unbegun", "wrote")
 
     def __init__(self, unbegun: bool = False) -> None:
         self.wrote = False
@@ -139,6 +149,8 @@ class _Effects:
         the operation's first and marked ``alone`` (it then commits by itself)."""
         self.alone_sent = False
         """A first statement marked ``alone`` was sent, to commit by itself."""
+        self.announced = 0
+        """The kinds of work that statement announced itself (``Stmt.notify``)."""
 
     async def before(
         self, conn: asyncpg.Connection, alone: bool = False, read: bool = False
@@ -187,12 +199,17 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
                 if pending:
                     await _flush(pending, conn, done)
                 read = stmt.sql.startswith(_READ_PREFIXES)
+                sent_alone = done.alone_sent
                 await done.before(conn, stmt.alone, read)
                 sql = translate(stmt.sql)
+                notify = stmt.notify if done.alone_sent and not sent_alone else 0
+                if notify:  # commits by itself: its wake-up goes out with its commit
+                    sql = sql.replace(NOTIFY_MARK, f", pg_notify('{CHANNEL}', '{notify}')")
                 if kind == ONE:
                     result = await conn.fetchrow(sql, *stmt.params)
                     if result is not None and not read:
                         done.wrote = True
+                        done.announced |= notify
                 elif kind == ALL:
                     result = await conn.fetch(sql, *stmt.params)
                     if result and not read:
@@ -323,6 +340,7 @@ class PostgresStore(SqlStore):
             "batches": 0,
             "operations": 0,
             "operations_alone": 0,
+            "notify_transactions": 0,
             "isolated_batches": 0,
             "retried_operations": 0,
             "connections": 0,
@@ -562,6 +580,7 @@ class PostgresStore(SqlStore):
         results: _Results = []
         changes = 0
         committing = notify_after = False
+        changes_after = 0
         pending = batch
         # One operation alone: its transaction begins with its first statement, which may
         # commit by itself (``Stmt.alone``): no BEGIN and COMMIT round trips then.
@@ -605,8 +624,9 @@ class PostgresStore(SqlStore):
                 await conn.execute(
                     f"NOTIFY {CHANNEL}, '{changes}'; COMMIT" if changes else "COMMIT"
                 )
-            elif changes:
-                notify_after = True  # committed by itself: tell callers first
+            else:  # committed by itself: tell callers first, then what it did not say
+                changes_after = changes & ~(alone.announced if alone is not None else 0)
+                notify_after = bool(changes_after)
         except Exception as e:
             lost = isinstance(e, _CONNECTION_ERRORS)
             if lost:
@@ -644,8 +664,9 @@ class PostgresStore(SqlStore):
                 # WAL flush (a wake-up, not data; the data's commit was durable).
                 await conn.execute(
                     "BEGIN; SET LOCAL synchronous_commit = off; "
-                    f"NOTIFY {CHANNEL}, '{changes}'; COMMIT"
+                    f"NOTIFY {CHANNEL}, '{changes_after}'; COMMIT"
                 )
+                self.stats["notify_transactions"] += 1
             except Exception as e:
                 # Other processes' waiters look again within their poll interval anyway.
                 logger.info("could not notify other processes of a commit: %s", e)

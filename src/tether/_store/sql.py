@@ -81,7 +81,15 @@ class Stmt:
     sql: str
     params: Any = ()
     alone: bool = False
+    notify: int = 0
+    """With ``alone``: the kinds of work (``Change``) the statement makes available
+    when it commits by itself. A server backend may announce them from within the
+    statement, at ``NOTIFY_MARK`` (which ends its select list), instead of after it."""
 
+
+NOTIFY_MARK = "/*notify*/"
+"""Where a lone statement's wake-up may go (an SQL comment: backends that do not use
+it leave it as it is)."""
 
 Op = Generator[Stmt, Any, T]
 """An operation: yields statements, receives their results, returns its value."""
@@ -396,9 +404,10 @@ class SqlStore(Store):
                 f"WITH r AS ({insert} RETURNING run_id), h AS (INSERT INTO history "
                 "(run_id, seq, type, time, data) SELECT run_id, 1, ?, ?, ? FROM r), "
                 "t AS (INSERT INTO workflow_tasks (run_id, task_queue, visible_at) "
-                "SELECT run_id, ?, ? FROM r) SELECT count(*) FROM r",
+                f"SELECT run_id, ?, ? FROM r) SELECT count(*){NOTIFY_MARK} FROM r",
                 (*row, WORKFLOW_STARTED, run.now, started, run.task_queue, run.now),
                 alone=run.signal is None and run.update is None,
+                notify=Change.WORKFLOW_TASK,
             )
             if not inserted[0]:
                 return False
@@ -1273,9 +1282,9 @@ class SqlStore(Store):
                         (advance, advance_params),
                         expected_seq,
                         len(events),
-                        (ctes, inline_params),
+                        (ctes, inline_params, len(done or ())),
                     )
-                    row = yield Stmt(ONE, lone[0], lone[1], alone=True)
+                    row = yield Stmt(ONE, *lone)
                     if row is not None:  # it did it all (else it changed nothing)
                         return (
                             yield from self._record_task(
@@ -1327,8 +1336,8 @@ class SqlStore(Store):
         advance: tuple[str, tuple[Any, ...]],
         expected_seq: int,
         events: int,
-        inline: tuple[str, list[Any]],
-    ) -> tuple[str, list[Any]]:
+        inline: tuple[str, list[Any], int],
+    ) -> tuple[str, list[Any], bool, int]:
         """``finish_activity_and_continue`` as one statement that needs no transaction
         around it (``Stmt.alone``): it changes nothing unless it can do all of it.
 
@@ -1340,7 +1349,7 @@ class SqlStore(Store):
         only the run's own earlier tasks made any, and the snapshot holds it all."""
         closing = c.close is not None
         guard = " AND inbound_seq < ?" + (_NO_FAMILY if closing else "")
-        (advance_sql, advance_params), (ctes, inline_params) = advance, inline
+        (advance_sql, advance_params), (ctes, inline_params, eager) = advance, inline
         params = [task.run_id, task.seq, task.token, *advance_params, expected_seq, events]
         # Closing: all of the run's activity tasks go (this one among them).
         which = "" if closing else " AND seq = ?"
@@ -1360,9 +1369,13 @@ class SqlStore(Store):
             f"done AS (DELETE FROM activity_tasks WHERE run_id = ?{which} "
             f"AND EXISTS (SELECT 1 FROM advanced)){ctes}{cleanup} "
             "SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, "
-            "has_children FROM advanced"
+            f"has_children{NOTIFY_MARK} FROM advanced"
         )
-        return sql, params
+        # What _record_task touches when this statement did it all.
+        notify = Change.HISTORY | (Change.TIMER if c.timers else 0)
+        notify |= Change.ACTIVITY_TASK if eager < len(c.activities) else 0
+        notify |= Change.RUN_CLOSED | Change.UPDATE if closing else 0
+        return sql, params, True, int(notify)
 
     def _claim_woken_task(
         self, run_id: str, claim: EagerClaim, now: float
