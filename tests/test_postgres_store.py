@@ -544,8 +544,10 @@ async def test_a_task_that_closes_its_run_is_one_lone_statement(
     store = postgres_store
     closing = await _closing_task(store)
     alone = store.stats["operations_alone"]
+    sent = store.stats["notify_transactions"]
     await store.complete_workflow_task(closing, "w", NOW)
     assert store.stats["operations_alone"] == alone + 1
+    assert store.stats["notify_transactions"] == sent  # announced from within
     assert (await store.get_run("default", "wf-1", None)).status == "completed"
     assert await store.next_due_times() == (None, None)
     assert await store.claim_activity_tasks("q", "w", 10, NOW + 60, NOW) == []

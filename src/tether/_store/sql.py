@@ -762,10 +762,10 @@ class SqlStore(Store):
         row = None
         if inline is not None:  # one statement for the whole completion
             ctes, inline_params, done = inline
-            returning = (
-                " SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, "
-                "has_children FROM a"
+            columns = (
+                " SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, has_children"
             )
+            returning = f"{columns} FROM a"
             cleanup_params: list[Any]
             if self._nothing_after(c):
                 # By itself when no input came in meanwhile (and a run it closes has no
@@ -778,9 +778,10 @@ class SqlStore(Store):
                     cleanup, cleanup_params = self._cleanup_ctes(c, "a", task_row=True)
                 row = yield Stmt(
                     ONE,
-                    f"WITH a AS ({advance(guard)}){ctes}{cleanup}{returning}",
+                    f"WITH a AS ({advance(guard)}){ctes}{cleanup}{columns}{NOTIFY_MARK} FROM a",
                     (*params, c.inputs_through, len(events), *inline_params, *cleanup_params),
                     alone=True,
+                    notify=self._lone_changes(c, len(events), len(done)),
                 )
                 if row is not None and c.close is not None:
                     return (
@@ -803,6 +804,16 @@ class SqlStore(Store):
                 f"(or the run advanced past task version {task.task_version})"
             )
         return (yield from self._record_task(c, owner, now, events, row, True, done))
+
+    @staticmethod
+    def _lone_changes(c: WorkflowTaskCompletion, events: int, eager: int) -> int:
+        """The kinds of work ``_record_task`` touches for ``c`` when one lone statement
+        did all of it (``events`` history events, ``eager`` activities leased)."""
+        changes = Change.HISTORY if events else 0
+        changes |= Change.TIMER if c.timers else 0
+        changes |= Change.ACTIVITY_TASK if eager < len(c.activities) else 0
+        changes |= (Change.RUN_CLOSED | Change.UPDATE) if c.close is not None else 0
+        return int(changes)
 
     @staticmethod
     def _nothing_after(c: WorkflowTaskCompletion) -> bool:
@@ -1371,11 +1382,7 @@ class SqlStore(Store):
             "SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, "
             f"has_children{NOTIFY_MARK} FROM advanced"
         )
-        # What _record_task touches when this statement did it all.
-        notify = Change.HISTORY | (Change.TIMER if c.timers else 0)
-        notify |= Change.ACTIVITY_TASK if eager < len(c.activities) else 0
-        notify |= Change.RUN_CLOSED | Change.UPDATE if closing else 0
-        return sql, params, True, int(notify)
+        return sql, params, True, self._lone_changes(c, 1, eager)
 
     def _claim_woken_task(
         self, run_id: str, claim: EagerClaim, now: float
