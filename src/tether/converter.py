@@ -28,7 +28,7 @@ def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
 
 
 _AS_IS = (str, int, float, bool)
-"""Types whose values decode into themselves unchanged."""
+"""Types whose values are JSON as they are, and decode into themselves unchanged."""
 
 
 class PayloadConverter:
@@ -41,7 +41,7 @@ class PayloadConverter:
 
     def encode(self, value: Any, what: str) -> Any:
         """Return JSON-compatible data for ``value``; ``what`` names it in errors."""
-        if value is None or type(value) in (str, int, bool, float):
+        if value is None or type(value) in _AS_IS:
             data = value
         else:
             try:

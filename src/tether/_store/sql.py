@@ -197,6 +197,14 @@ _LEFT_OVER = (
 which of the run's activity tasks, timers and open updates are left for the cleanup,
 so that it runs only the statements that change something."""
 
+_RUN_WORK_TABLES = ("workflow_tasks", "activity_tasks", "timers")
+"""The tables of a run's pending work, which its close empties."""
+_REJECT_OPEN_UPDATES = (
+    "UPDATE updates SET state = 'rejected', failure = ? WHERE run_id = ? "
+    "AND state IN ('requested', 'accepted')"
+)
+"""How a close answers the run's open updates (params: failure, run id)."""
+
 _CLAIMED_TASK = (
     "t.run_id, r.workflow_id, r.workflow_type, r.namespace, t.attempt, r.task_version, "
     "r.next_seq, EXISTS (SELECT 1 FROM updates u WHERE u.run_id = t.run_id "
@@ -766,16 +774,15 @@ class SqlStore(Store):
                 " SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, has_children"
             )
             returning = f"{columns} FROM a"
-            cleanup_params: list[Any]
             if self._nothing_after(c):
                 # By itself when no input came in meanwhile (and a run it closes has no
                 # family to tell): then nothing follows it, a close's cleanup is in it.
                 # Else it writes nothing, and the statement below does it all.
-                guard = " AND inbound_seq <= ?"
-                cleanup, cleanup_params = "", []
-                if c.close is not None:
-                    guard += _NO_FAMILY
-                    cleanup, cleanup_params = self._cleanup_ctes(c, "a", task_row=True)
+                closing = c.close is not None
+                guard = " AND inbound_seq <= ?" + (_NO_FAMILY if closing else "")
+                cleanup, cleanup_params = (
+                    self._cleanup_ctes(c, "a", task_row=True) if closing else ("", [])
+                )
                 row = yield Stmt(
                     ONE,
                     f"WITH a AS ({advance(guard)}){ctes}{cleanup}{columns}{NOTIFY_MARK} FROM a",
@@ -871,7 +878,7 @@ class SqlStore(Store):
         statement made the writes of ``_inline_writes`` already, and then the activity
         tasks it leased to ``owner``. ``_LEFT_OVER`` may follow ``_ADVANCED``.
         ``cleaned``: the advancing statement closed a run with no family and removed
-        its work too (``_lone_continue``)."""
+        its work too (a lone statement; its row may end with a ``pg_notify`` column)."""
         task = c.task
         run_id = task.run_id
         next_seq, inbound_seq, task_version, *rest = advanced
@@ -952,18 +959,18 @@ class SqlStore(Store):
                 )
             # Not inline: the cleanup must see what committed meanwhile (an update
             # request, its task row), and follow this completion's own update states.
-            left: tuple[bool, bool, bool, bool] | None = None
-            if cleaned:
-                left = (False, False, False, False)
-            elif left_over:  # known before this completion's own writes: add those
-                activities, timers, updates = left_over
-                left = (
-                    task_queued,
-                    bool(activities or c.activities),
-                    bool(timers or c.timers),
-                    bool(updates or c.updates),
-                )
-            yield from self._drop_run_work(run_id, f"the workflow closed ({c.close.status})", left)
+            if not cleaned:
+                left: tuple[bool, bool, bool, bool] | None = None
+                if left_over:  # known before this completion's own writes: add those
+                    activities, timers, updates = left_over
+                    left = (
+                        task_queued,
+                        bool(activities or c.activities),
+                        bool(timers or c.timers),
+                        bool(updates or c.updates),
+                    )
+                why = f"the workflow closed ({c.close.status})"
+                yield from self._drop_run_work(run_id, why, left)
         else:
             # inbound_seq is a watermark that every new input (event or update request)
             # raises: past what this task read means the workflow has more to do.
@@ -1287,7 +1294,7 @@ class SqlStore(Store):
             if self.dialect.writes_in_with:  # both steps in one round trip
                 ctes, inline_params, done = inline or ("", [], None)
                 if inline is not None and self._nothing_after(completion):
-                    lone = self._lone_continue(
+                    row = yield self._lone_continue(
                         task,
                         completion,
                         (advance, advance_params),
@@ -1295,7 +1302,6 @@ class SqlStore(Store):
                         len(events),
                         (ctes, inline_params, len(done or ())),
                     )
-                    row = yield Stmt(ONE, *lone)
                     if row is not None:  # it did it all (else it changed nothing)
                         return (
                             yield from self._record_task(
@@ -1348,7 +1354,7 @@ class SqlStore(Store):
         expected_seq: int,
         events: int,
         inline: tuple[str, list[Any], int],
-    ) -> tuple[str, list[Any], bool, int]:
+    ) -> Stmt:
         """``finish_activity_and_continue`` as one statement that needs no transaction
         around it (``Stmt.alone``): it changes nothing unless it can do all of it.
 
@@ -1382,7 +1388,7 @@ class SqlStore(Store):
             "SELECT first, inbound_seq, task_version, parent_run_id, parent_seq, "
             f"has_children{NOTIFY_MARK} FROM advanced"
         )
-        return sql, params, True, self._lone_changes(c, 1, eager)
+        return Stmt(ONE, sql, params, alone=True, notify=self._lone_changes(c, 1, eager))
 
     def _claim_woken_task(
         self, run_id: str, claim: EagerClaim, now: float
@@ -1799,17 +1805,15 @@ class SqlStore(Store):
         nothing of the run committed since its snapshot (no input came in)."""
         assert c.close is not None
         run_id = c.task.run_id
-        tables = [("workflow_tasks", task_row), ("activity_tasks", activities), ("timers", True)]
+        matched = f" AND EXISTS (SELECT 1 FROM {source})"
+        wanted = (task_row, activities, True)
         members = [
-            f"DELETE FROM {table} WHERE run_id = ? AND EXISTS (SELECT 1 FROM {source})"
-            for table, wanted in tables
-            if wanted
+            f"DELETE FROM {table} WHERE run_id = ?{matched}"
+            for table, want in zip(_RUN_WORK_TABLES, wanted, strict=True)
+            if want
         ]
         params: list[Any] = [run_id] * len(members)
-        members.append(
-            "UPDATE updates SET state = 'rejected', failure = ? WHERE run_id = ? "
-            f"AND state IN ('requested', 'accepted') AND EXISTS (SELECT 1 FROM {source})"
-        )
+        members.append(_REJECT_OPEN_UPDATES + matched)
         failure = self._closed_failure(f"the workflow closed ({c.close.status})")
         params += [dumps(failure), run_id]
         return "".join(f", c{i} AS ({sql})" for i, sql in enumerate(members)), params
@@ -1828,9 +1832,7 @@ class SqlStore(Store):
         ``left``: whether it may still have a workflow task, activity tasks, timers and
         open updates, if known; only those are cleaned up (None: all)."""
         left = left or (True, True, True, True)
-        for table, maybe in zip(
-            ("workflow_tasks", "activity_tasks", "timers"), left[:3], strict=True
-        ):
+        for table, maybe in zip(_RUN_WORK_TABLES, left[:3], strict=True):
             if maybe:
                 yield Stmt(WRITE, f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
         if not left[3]:
@@ -1838,8 +1840,7 @@ class SqlStore(Store):
         failure = SqlStore._closed_failure(why)
         yield Stmt(
             WRITE,
-            "UPDATE updates SET state = 'rejected', failure = ? WHERE run_id = ? "
-            "AND state IN ('requested', 'accepted')",
+            _REJECT_OPEN_UPDATES,
             (dumps(failure), run_id),
         )
 
