@@ -23,7 +23,7 @@ def py_spy(pid: int, out: Path | None, idle: bool = False) -> Iterator[None]:
     if out is None:
         yield
         return
-    options = ["-f", "raw", "--threads", "-r", str(RATE_HZ), "-o", str(out)]
+    options = ["-f", "raw", "--threads", "--subprocesses", "-r", str(RATE_HZ), "-o", str(out)]
     if idle:
         options.append("--idle")
     proc = subprocess.Popen(

@@ -50,6 +50,8 @@ def _dbos(store: str, api: str, workloads: str) -> System:
 SYSTEMS: list[System] = [
     _tether("tether-sqlite", "sqlite", "ABCDE"),
     _tether("tether-postgres", "postgres", "ABCDE"),
+    # The setting for a worker with many runs: its SQLite writer in a process of its own.
+    _tether("tether-sqlite-process", "sqlite", "ABDE", variant="writer-process"),
     _tether("tether-sqlite-embedded", "sqlite", "AB", variant="embedded"),
     _tether("tether-postgres-embedded", "postgres", "AB", variant="embedded"),
     _dbos("sqlite", "async", "ABCD"),

@@ -45,6 +45,16 @@ PROFILE_IDLE_ENV = "BENCH_PROFILE_IDLE"
 """If set (with ``BENCH_PROFILE_A`` or ``_E``), py-spy records waiting threads too."""
 PROFILE_E_ENV = "BENCH_PROFILE_E"
 """If set, py-spy records the worker while E's workflows wake, into this file."""
+WORKER_WORKFLOW_TASKS = 300
+"""The worker's ``max_concurrent_workflow_tasks`` (the library's default is 100): more
+runs in flight keep the store's writer busy while the event loop runs others."""
+
+
+def _worker_url(args: DriverArgs) -> str:
+    """``--variant writer-process``: the worker's SQLite writer in its own process."""
+    if args.variant == "writer-process":
+        return f"{args.url}?writer=process"
+    return args.url
 
 
 class WorkerProcess:
@@ -61,9 +71,10 @@ class WorkerProcess:
         self.ready_file = args.work_dir / f"{name}.ready"
         self.stats_file = args.work_dir / f"{name}.stats"
         self.ready_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "bench.tether_worker", "--url", args.url]
+        cmd = [sys.executable, "-m", "bench.tether_worker", "--url", _worker_url(args)]
         cmd += ["--ready-file", str(self.ready_file), "--stats-file", str(self.stats_file)]
         cmd += ["--max-activities", str(max_activities)]
+        cmd += ["--max-workflow-tasks", str(WORKER_WORKFLOW_TASKS)]
         if identity:
             cmd += ["--identity", identity]
         self.proc: subprocess.Popen[bytes] = procs.spawn(cmd, args.work_dir / f"{name}.log", env)

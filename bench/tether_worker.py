@@ -32,6 +32,7 @@ async def serve(ns: argparse.Namespace) -> None:
         workflows=WORKFLOWS,
         activities=ACTIVITIES,
         max_concurrent_activities=ns.max_activities,
+        max_concurrent_workflow_tasks=ns.max_workflow_tasks,
         identity=ns.identity,
     )
     stop = asyncio.Event()
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--stats-file", required=True)
     parser.add_argument("--identity", default=None)
     parser.add_argument("--max-activities", type=int, default=100)
+    parser.add_argument("--max-workflow-tasks", type=int, default=100)
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -106,13 +106,14 @@ async def skipping_env(
     await environment.shutdown()
 
 
-@pytest.fixture
-async def store(
-    request: pytest.FixtureRequest, backend: str, tmp_path: Any
-) -> AsyncIterator[Store]:
+@pytest.fixture(params=[*BACKENDS, "sqlite-process"])
+async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Store]:
+    """Every backend, and SQLite with its writer in a process of its own."""
     opened: Store
-    if backend == "postgres":
+    if request.param == "postgres":
         opened = await PostgresStore.open(request.getfixturevalue("fresh_postgres"))
+    elif request.param == "sqlite-process":
+        opened = SqliteStore(os.path.join(tmp_path, "store.db"), writer="process")
     else:
         opened = SqliteStore(os.path.join(tmp_path, "store.db"))
     yield opened

@@ -34,6 +34,18 @@ from typing import Any
 class TetherError(Exception):
     """Base class of every error Tether raises."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled without calling ``__init__`` again: most subclasses take keyword-only
+        # arguments that ``args`` does not hold (errors cross to the SQLite writer process).
+        return _restore_error, (type(self), self.args, self.__dict__)
+
+
+def _restore_error(cls: type[TetherError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class FailureError(TetherError):
     """An error that is recorded in history, survives serialization and can fail a workflow."""

@@ -15,6 +15,7 @@ import json
 import secrets
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import pydantic_core
@@ -97,6 +98,33 @@ Op = Generator[Stmt, Any, T]
 
 def touch(changes: Change) -> Stmt:
     return Stmt(TOUCH, "", int(changes))
+
+
+class _LeaseAndRead:
+    """An operation that leases rows (``lease``, under a token made once per call)
+    and reads them back (``read``). On a server the lease commits by itself
+    (``Stmt.alone``), so an attempt repeated after a failed read-back first reads
+    what an earlier attempt leased, instead of leasing more rows and stranding
+    those until their lease runs out."""
+
+    __slots__ = ("attempts", "lease", "read")
+
+    def __init__(self, lease: Stmt, read: Stmt) -> None:
+        self.lease = lease
+        self.read = read
+        self.attempts = 0
+
+    def __call__(self) -> Op[list[Any]]:
+        self.attempts += 1
+        rows: list[Any]
+        if self.attempts > 1:
+            rows = yield self.read
+            if rows:
+                return rows
+        if not (yield self.lease):
+            return []
+        rows = yield self.read
+        return rows
 
 
 @dataclass(frozen=True)
@@ -297,7 +325,7 @@ class SqlStore(Store):
 
     # -- runs --------------------------------------------------------------------
     async def start_run(self, run: NewRun) -> StartOutcome:
-        return await self._execute(lambda: self._start_run(run), writes=True)
+        return await self._execute(partial(self._start_run, run), writes=True)
 
     def _start_run(self, run: NewRun) -> Op[StartOutcome]:
         if run.reuse_policy == "allow_duplicate" and (yield from self._insert_run(run, True)):
@@ -681,32 +709,8 @@ class SqlStore(Store):
             "ORDER BY r.created_at, t.run_id, h.seq",
             (CLAIM_HISTORY_EVENTS + 1, task_queue, lease_until, token),
         )
-        rows = await self._execute_lease(self._lease_and_read(lease, read))
+        rows = await self._execute_lease(_LeaseAndRead(lease, read))
         return self._claimed_tasks(task_queue, token, rows)
-
-    @staticmethod
-    def _lease_and_read(lease: Stmt, read: Stmt) -> Callable[[], Op[list[Any]]]:
-        """An operation that leases rows (``lease``, under a token made once per call)
-        and reads them back (``read``). On a server the lease commits by itself
-        (``Stmt.alone``), so an attempt repeated after a failed read-back first reads
-        what an earlier attempt leased, instead of leasing more rows and stranding
-        those until their lease runs out."""
-        attempts = 0
-
-        def op() -> Op[list[Any]]:
-            nonlocal attempts
-            attempts += 1
-            rows: list[Any]
-            if attempts > 1:
-                rows = yield read
-                if rows:
-                    return rows
-            if not (yield lease):
-                return []
-            rows = yield read
-            return rows
-
-        return op
 
     @staticmethod
     def _claimed_tasks(task_queue: str, token: str, rows: list[Any]) -> list[WorkflowTask]:
@@ -743,7 +747,7 @@ class SqlStore(Store):
         self, completion: WorkflowTaskCompletion, owner: str, now: float
     ) -> WorkflowTaskResult:
         return await self._execute(
-            lambda: self._complete_workflow_task(completion, owner, now), True
+            partial(self._complete_workflow_task, completion, owner, now), writes=True
         )
 
     def _complete_workflow_task(
@@ -1186,22 +1190,24 @@ class SqlStore(Store):
     async def fail_workflow_task(
         self, task: WorkflowTask, failure: dict[str, Any], retry_at: float
     ) -> None:
-        def op() -> Op[None]:
-            updated = yield Stmt(
-                EXEC,
-                "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
-                "WHERE run_id = ? AND token = ?",
-                (retry_at, task.run_id, task.token),
-            )
-            if updated:
-                yield touch(Change.WORKFLOW_TASK | Change.TIMER)  # ready at retry_at
-                yield Stmt(
-                    WRITE,
-                    "UPDATE runs SET task_failure = ? WHERE run_id = ?",
-                    (dumps(failure), task.run_id),
-                )
+        await self._execute(partial(self._fail_workflow_task, task, failure, retry_at), writes=True)
 
-        await self._execute(op, writes=True)
+    def _fail_workflow_task(
+        self, task: WorkflowTask, failure: dict[str, Any], retry_at: float
+    ) -> Op[None]:
+        updated = yield Stmt(
+            EXEC,
+            "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
+            "WHERE run_id = ? AND token = ?",
+            (retry_at, task.run_id, task.token),
+        )
+        if updated:
+            yield touch(Change.WORKFLOW_TASK | Change.TIMER)  # ready at retry_at
+            yield Stmt(
+                WRITE,
+                "UPDATE runs SET task_failure = ? WHERE run_id = ?",
+                (dumps(failure), task.run_id),
+            )
 
     # -- activities -------------------------------------------------------------------
     async def claim_activity_tasks(
@@ -1221,23 +1227,25 @@ class SqlStore(Store):
             "AND a.token = ? ORDER BY a.scheduled_at",
             (task_queue, lease_until, token),
         )
-        rows = await self._execute_lease(self._lease_and_read(lease, read))
+        rows = await self._execute_lease(_LeaseAndRead(lease, read))
         return [_activity(row) for row in rows]
 
     async def heartbeat_activity(
         self, task: ActivityTask, details: Any, lease_until: float
     ) -> bool:
-        def op() -> Op[bool]:
-            cancel_requested = yield from self._check_lease(task)
-            yield Stmt(
-                WRITE,
-                "UPDATE activity_tasks SET heartbeat_details = ?, visible_at = ? "
-                "WHERE run_id = ? AND seq = ?",
-                (dumps(details), lease_until, task.run_id, task.seq),
-            )
-            return cancel_requested
+        return await self._execute(
+            partial(self._heartbeat_activity, task, details, lease_until), writes=True
+        )
 
-        return await self._execute(op, writes=True)
+    def _heartbeat_activity(self, task: ActivityTask, details: Any, lease_until: float) -> Op[bool]:
+        cancel_requested = yield from self._check_lease(task)
+        yield Stmt(
+            WRITE,
+            "UPDATE activity_tasks SET heartbeat_details = ?, visible_at = ? "
+            "WHERE run_id = ? AND seq = ?",
+            (dumps(details), lease_until, task.run_id, task.seq),
+        )
+        return cancel_requested
 
     def _end_activity(self, task: ActivityTask) -> Op[bool]:
         """Remove the finished activity ``task`` (``StaleTaskError`` unless it still holds
@@ -1255,15 +1263,24 @@ class SqlStore(Store):
         now: float,
         claim: EagerClaim | None = None,
     ) -> tuple[WorkflowTask, list[Event]] | None:
-        def op() -> Op[tuple[WorkflowTask, list[Event]] | None]:
-            if not (yield from self._end_activity(task)):
-                return None  # the workflow no longer waits for this result
-            appended = yield from self._append_inbound(task.run_id, event_type, data, now)
-            if not appended or claim is None:
-                return None
-            return (yield from self._claim_woken_task(task.run_id, claim, now))
+        return await self._execute(
+            partial(self._finish_activity, task, event_type, data, now, claim), writes=True
+        )
 
-        return await self._execute(op, writes=True)
+    def _finish_activity(
+        self,
+        task: ActivityTask,
+        event_type: str,
+        data: dict[str, Any],
+        now: float,
+        claim: EagerClaim | None,
+    ) -> Op[tuple[WorkflowTask, list[Event]] | None]:
+        if not (yield from self._end_activity(task)):
+            return None  # the workflow no longer waits for this result
+        appended = yield from self._append_inbound(task.run_id, event_type, data, now)
+        if not appended or claim is None:
+            return None
+        return (yield from self._claim_woken_task(task.run_id, claim, now))
 
     async def finish_activity_and_continue(
         self,
@@ -1274,77 +1291,89 @@ class SqlStore(Store):
         expected_seq: int,
         owner: str,
     ) -> WorkflowTaskResult | None:
+        return await self._execute(
+            partial(
+                self._finish_activity_and_continue, task, data, now, completion, expected_seq, owner
+            ),
+            writes=True,
+        )
+
+    def _finish_activity_and_continue(
+        self,
+        task: ActivityTask,
+        data: dict[str, Any],
+        now: float,
+        completion: WorkflowTaskCompletion,
+        expected_seq: int,
+        owner: str,
+    ) -> Op[WorkflowTaskResult | None]:
         task_version = completion.task.task_version
-
-        def op() -> Op[WorkflowTaskResult | None]:
-            events = [(ACTIVITY_COMPLETED, data), *self._task_events(completion)]
-            # Only if the cached instance has seen every input: no other event took
-            # expected_seq, and no workflow task is queued (for inputs that came while
-            # the run's last task ran, below expected_seq) or running elsewhere.
-            close_sql, close_params = self._close_columns(completion, now)
-            advance = (
-                "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
-                f"next_seq = next_seq + ?, inbound_seq = next_seq{close_sql} WHERE run_id = ? "
-                f"AND task_version = ? AND next_seq = ? AND {_OPEN} "
-                "AND NOT EXISTS (SELECT 1 FROM workflow_tasks w WHERE w.run_id = runs.run_id)"
-            )
-            advance_params = (len(events), *close_params, task.run_id, task_version, expected_seq)
-            row: Any
-            inline = self._inline_writes(completion, owner, now, events, "advanced", False)
-            if self.dialect.writes_in_with:  # both steps in one round trip
-                ctes, inline_params, done = inline or ("", [], None)
-                if inline is not None and self._nothing_after(completion):
-                    row = yield self._lone_continue(
-                        task,
-                        completion,
-                        (advance, advance_params),
-                        expected_seq,
-                        len(events),
-                        (ctes, inline_params, len(done or ())),
-                    )
-                    if row is not None:  # it did it all (else it changed nothing)
-                        return (
-                            yield from self._record_task(
-                                completion, owner, now, events, row, False, done, cleaned=True
-                            )
+        events = [(ACTIVITY_COMPLETED, data), *self._task_events(completion)]
+        # Only if the cached instance has seen every input: no other event took
+        # expected_seq, and no workflow task is queued (for inputs that came while
+        # the run's last task ran, below expected_seq) or running elsewhere.
+        close_sql, close_params = self._close_columns(completion, now)
+        advance = (
+            "UPDATE runs SET task_version = task_version + 1, task_failure = NULL, "
+            f"next_seq = next_seq + ?, inbound_seq = next_seq{close_sql} WHERE run_id = ? "
+            f"AND task_version = ? AND next_seq = ? AND {_OPEN} "
+            "AND NOT EXISTS (SELECT 1 FROM workflow_tasks w WHERE w.run_id = runs.run_id)"
+        )
+        advance_params = (len(events), *close_params, task.run_id, task_version, expected_seq)
+        row: Any
+        inline = self._inline_writes(completion, owner, now, events, "advanced", False)
+        if self.dialect.writes_in_with:  # both steps in one round trip
+            ctes, inline_params, done = inline or ("", [], None)
+            if inline is not None and self._nothing_after(completion):
+                row = yield self._lone_continue(
+                    task,
+                    completion,
+                    (advance, advance_params),
+                    expected_seq,
+                    len(events),
+                    (ctes, inline_params, len(done or ())),
+                )
+                if row is not None:  # it did it all (else it changed nothing)
+                    return (
+                        yield from self._record_task(
+                            completion, owner, now, events, row, False, done, cleaned=True
                         )
-                both = yield Stmt(
-                    ONE,
-                    f"WITH done AS ({_END_ACTIVITY}), advanced AS ({advance} "
-                    "AND EXISTS (SELECT 1 FROM done WHERE cancel_requested = 0) "
-                    f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children){ctes} "
-                    "SELECT d.cancel_requested, a.first, a.inbound_seq, a.task_version, "
-                    "a.parent_run_id, a.parent_seq, a.has_children "
-                    "FROM done d LEFT JOIN advanced a ON TRUE",
-                    (
-                        task.run_id,
-                        task.seq,
-                        task.token,
-                        *advance_params,
-                        len(events),
-                        *inline_params,
-                    ),
-                )
-                if both is None:
-                    raise self._stale(task)
-                if both[0]:
-                    return None  # the workflow no longer waits for this result
-                row = None if both[1] is None else both[1:]
-            else:
-                done = None
-                if not (yield from self._end_activity(task)):
-                    return None  # the workflow no longer waits for this result
-                row = yield Stmt(
-                    ONE,
-                    f"{advance} RETURNING next_seq - ?, {_ADVANCED}{self._left_over(completion)}",
-                    (*advance_params, len(events)),
-                )
-            if row is None:  # the queued workflow task takes the result
-                yield from self._append_inbound(task.run_id, ACTIVITY_COMPLETED, data, now)
-                return None
-            return (yield from self._record_task(completion, owner, now, events, row, False, done))
-
-        return await self._execute(op, writes=True)
+                    )
+            both = yield Stmt(
+                ONE,
+                f"WITH done AS ({_END_ACTIVITY}), advanced AS ({advance} "
+                "AND EXISTS (SELECT 1 FROM done WHERE cancel_requested = 0) "
+                f"RETURNING next_seq - ? AS first, {_ADVANCED} AS has_children){ctes} "
+                "SELECT d.cancel_requested, a.first, a.inbound_seq, a.task_version, "
+                "a.parent_run_id, a.parent_seq, a.has_children "
+                "FROM done d LEFT JOIN advanced a ON TRUE",
+                (
+                    task.run_id,
+                    task.seq,
+                    task.token,
+                    *advance_params,
+                    len(events),
+                    *inline_params,
+                ),
+            )
+            if both is None:
+                raise self._stale(task)
+            if both[0]:
+                return None  # the workflow no longer waits for this result
+            row = None if both[1] is None else both[1:]
+        else:
+            done = None
+            if not (yield from self._end_activity(task)):
+                return None  # the workflow no longer waits for this result
+            row = yield Stmt(
+                ONE,
+                f"{advance} RETURNING next_seq - ?, {_ADVANCED}{self._left_over(completion)}",
+                (*advance_params, len(events)),
+            )
+        if row is None:  # the queued workflow task takes the result
+            yield from self._append_inbound(task.run_id, ACTIVITY_COMPLETED, data, now)
+            return None
+        return (yield from self._record_task(completion, owner, now, events, row, False, done))
 
     def _lone_continue(
         self,
@@ -1424,17 +1453,21 @@ class SqlStore(Store):
         retry_at: float,
         heartbeat_details: Any,
     ) -> None:
-        def op() -> Op[None]:
-            yield from self._check_lease(task)
-            yield touch(Change.ACTIVITY_TASK | Change.TIMER)  # ready at retry_at
-            yield Stmt(
-                WRITE,
-                "UPDATE activity_tasks SET owner = NULL, token = NULL, visible_at = ?, "
-                "last_failure = ?, heartbeat_details = ? WHERE run_id = ? AND seq = ?",
-                (retry_at, dumps(failure), dumps(heartbeat_details), task.run_id, task.seq),
-            )
+        await self._execute(
+            partial(self._retry_activity, task, failure, retry_at, heartbeat_details), writes=True
+        )
 
-        await self._execute(op, writes=True)
+    def _retry_activity(
+        self, task: ActivityTask, failure: dict[str, Any], retry_at: float, heartbeat_details: Any
+    ) -> Op[None]:
+        yield from self._check_lease(task)
+        yield touch(Change.ACTIVITY_TASK | Change.TIMER)  # ready at retry_at
+        yield Stmt(
+            WRITE,
+            "UPDATE activity_tasks SET owner = NULL, token = NULL, visible_at = ?, "
+            "last_failure = ?, heartbeat_details = ? WHERE run_id = ? AND seq = ?",
+            (retry_at, dumps(failure), dumps(heartbeat_details), task.run_id, task.seq),
+        )
 
     async def expired_activity_tasks(self, now: float, limit: int) -> list[ActivityTask]:
         def op() -> Op[list[ActivityTask]]:
@@ -1451,30 +1484,30 @@ class SqlStore(Store):
 
     # -- timers, leases, housekeeping -----------------------------------------------
     async def fire_due_timers(self, now: float, limit: int) -> int:
-        def op() -> Op[int]:
-            due = yield Stmt(
-                ALL,
-                "SELECT run_id, seq FROM timers WHERE fire_at <= ? ORDER BY fire_at LIMIT ? "
-                f"{self.dialect.skip_locked('timers')}",
-                (now, limit),
-            )
-            if not due:
-                return 0
-            yield Stmt(MANY, "DELETE FROM timers WHERE run_id = ? AND seq = ?", due)
-            timers = dict(due)
-            if len(timers) == len(due) and 0 not in timers.values():
-                # The common case, set-based: one timer per run, and none is a run's
-                # deadline (whose firing closes the run and tells its parent).
-                yield from self._fire_timers(timers, now)
-                return len(due)
-            for run_id, seq in due:  # one by one, in firing order
-                if seq == 0:
-                    yield from self._time_out(run_id, now)
-                else:
-                    yield from self._append_inbound(run_id, TIMER_FIRED, {"seq": seq}, now)
-            return len(due)
+        return await self._execute(partial(self._fire_due_timers, now, limit), writes=True)
 
-        return await self._execute(op, writes=True)
+    def _fire_due_timers(self, now: float, limit: int) -> Op[int]:
+        due = yield Stmt(
+            ALL,
+            "SELECT run_id, seq FROM timers WHERE fire_at <= ? ORDER BY fire_at LIMIT ? "
+            f"{self.dialect.skip_locked('timers')}",
+            (now, limit),
+        )
+        if not due:
+            return 0
+        yield Stmt(MANY, "DELETE FROM timers WHERE run_id = ? AND seq = ?", due)
+        timers = dict(due)
+        if len(timers) == len(due) and 0 not in timers.values():
+            # The common case, set-based: one timer per run, and none is a run's
+            # deadline (whose firing closes the run and tells its parent).
+            yield from self._fire_timers(timers, now)
+            return len(due)
+        for run_id, seq in due:  # one by one, in firing order
+            if seq == 0:
+                yield from self._time_out(run_id, now)
+            else:
+                yield from self._append_inbound(run_id, TIMER_FIRED, {"seq": seq}, now)
+        return len(due)
 
     def _fire_timers(self, timers: dict[str, int], now: float) -> Op[None]:
         """``_append_inbound`` of a ``TimerFired`` for many runs (one timer each), as a few
@@ -1542,41 +1575,49 @@ class SqlStore(Store):
         lease_until: float,
         now: float,
     ) -> None:
-        def op() -> Op[None]:
-            if workflow_tasks:
-                yield Stmt(
-                    MANY,
-                    "UPDATE workflow_tasks SET visible_at = ? WHERE run_id = ? AND token = ? "
-                    "AND visible_at > ?",
-                    [(lease_until, t.run_id, t.token, now) for t in workflow_tasks],
-                )
-            if activity_tasks:
-                yield Stmt(
-                    MANY,
-                    "UPDATE activity_tasks SET visible_at = ? WHERE run_id = ? AND seq = ? "
-                    "AND token = ? AND visible_at > ?",
-                    [(lease_until, t.run_id, t.seq, t.token, now) for t in activity_tasks],
-                )
+        await self._execute_lease(
+            partial(self._renew_leases, workflow_tasks, activity_tasks, lease_until, now)
+        )
 
-        await self._execute_lease(op)
+    def _renew_leases(
+        self,
+        workflow_tasks: list[WorkflowTask],
+        activity_tasks: list[ActivityTask],
+        lease_until: float,
+        now: float,
+    ) -> Op[None]:
+        if workflow_tasks:
+            yield Stmt(
+                MANY,
+                "UPDATE workflow_tasks SET visible_at = ? WHERE run_id = ? AND token = ? "
+                "AND visible_at > ?",
+                [(lease_until, t.run_id, t.token, now) for t in workflow_tasks],
+            )
+        if activity_tasks:
+            yield Stmt(
+                MANY,
+                "UPDATE activity_tasks SET visible_at = ? WHERE run_id = ? AND seq = ? "
+                "AND token = ? AND visible_at > ?",
+                [(lease_until, t.run_id, t.seq, t.token, now) for t in activity_tasks],
+            )
 
     async def release_leases(self, owner: str, now: float) -> None:
-        def op() -> Op[None]:
-            yield touch(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
-            yield Stmt(
-                WRITE,
-                "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
-                "WHERE owner = ? AND token IS NOT NULL",
-                (now, owner),
-            )
-            # Activities may have run partly: expire the lease so the attempt is counted.
-            yield Stmt(
-                WRITE,
-                "UPDATE activity_tasks SET visible_at = ? WHERE owner = ? AND token IS NOT NULL",
-                (now, owner),
-            )
+        await self._execute(partial(self._release_leases, owner, now), writes=True)
 
-        await self._execute(op, writes=True)
+    def _release_leases(self, owner: str, now: float) -> Op[None]:
+        yield touch(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
+        yield Stmt(
+            WRITE,
+            "UPDATE workflow_tasks SET owner = NULL, token = NULL, visible_at = ? "
+            "WHERE owner = ? AND token IS NOT NULL",
+            (now, owner),
+        )
+        # Activities may have run partly: expire the lease so the attempt is counted.
+        yield Stmt(
+            WRITE,
+            "UPDATE activity_tasks SET visible_at = ? WHERE owner = ? AND token IS NOT NULL",
+            (now, owner),
+        )
 
     async def register_worker(
         self,
@@ -1586,17 +1627,29 @@ class SqlStore(Store):
         activity_types: list[str],
         now: float,
     ) -> None:
-        def op() -> Op[None]:
-            yield Stmt(
-                WRITE,
-                "INSERT INTO workers (task_queue, identity, workflow_types, activity_types, "
-                "last_seen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_queue, identity) DO UPDATE "
-                "SET workflow_types = excluded.workflow_types, "
-                "activity_types = excluded.activity_types, last_seen = excluded.last_seen",
-                (task_queue, identity, dumps(workflow_types), dumps(activity_types), now),
-            )
+        await self._execute(
+            partial(
+                self._register_worker, task_queue, identity, workflow_types, activity_types, now
+            ),
+            writes=True,
+        )
 
-        await self._execute(op, writes=True)
+    def _register_worker(
+        self,
+        task_queue: str,
+        identity: str,
+        workflow_types: dict[str, dict[str, list[str]]],
+        activity_types: list[str],
+        now: float,
+    ) -> Op[None]:
+        yield Stmt(
+            WRITE,
+            "INSERT INTO workers (task_queue, identity, workflow_types, activity_types, "
+            "last_seen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (task_queue, identity) DO UPDATE "
+            "SET workflow_types = excluded.workflow_types, "
+            "activity_types = excluded.activity_types, last_seen = excluded.last_seen",
+            (task_queue, identity, dumps(workflow_types), dumps(activity_types), now),
+        )
 
     async def workflows_served(
         self, task_queue: str, since: float
@@ -1680,36 +1733,50 @@ class SqlStore(Store):
         args: list[Any],
         now: float,
     ) -> str:
-        def op() -> Op[str]:
-            target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
-            yield from self._append_inbound(
-                target, SIGNAL_RECEIVED, {"name": name, "args": args}, now
-            )
-            return target
+        return await self._execute(
+            partial(self._signal_run, namespace, workflow_id, run_id, name, args, now), writes=True
+        )
 
-        return await self._execute(op, writes=True)
+    def _signal_run(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        name: str,
+        args: list[Any],
+        now: float,
+    ) -> Op[str]:
+        target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
+        yield from self._append_inbound(target, SIGNAL_RECEIVED, {"name": name, "args": args}, now)
+        return target
 
     async def request_cancel(
         self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
     ) -> str:
-        def op() -> Op[str]:
-            target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
-            yield from self._append_inbound(
-                target, WORKFLOW_CANCEL_REQUESTED, {"reason": reason}, now
-            )
-            return target
+        return await self._execute(
+            partial(self._request_cancel, namespace, workflow_id, run_id, reason, now), writes=True
+        )
 
-        return await self._execute(op, writes=True)
+    def _request_cancel(
+        self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
+    ) -> Op[str]:
+        target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
+        yield from self._append_inbound(target, WORKFLOW_CANCEL_REQUESTED, {"reason": reason}, now)
+        return target
 
     async def terminate_run(
         self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
     ) -> str:
-        def op() -> Op[str]:
-            target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
-            yield from self._terminate(target, reason, now)
-            return target
+        return await self._execute(
+            partial(self._terminate_run, namespace, workflow_id, run_id, reason, now), writes=True
+        )
 
-        return await self._execute(op, writes=True)
+    def _terminate_run(
+        self, namespace: str, workflow_id: str, run_id: str | None, reason: str, now: float
+    ) -> Op[str]:
+        target, _, _ = yield from self._find_run(namespace, workflow_id, run_id, True)
+        yield from self._terminate(target, reason, now)
+        return target
 
     def _terminate(self, run_id: str, reason: str, now: float) -> Op[None]:
         failure = {"kind": "terminated", "type": "Terminated", "message": reason}
@@ -1852,33 +1919,41 @@ class SqlStore(Store):
         request: UpdateRequest,
         now: float,
     ) -> UpdateState:
-        def op() -> Op[UpdateState]:
-            target, status, _ = yield from self._find_run(namespace, workflow_id, run_id, False)
-            existing = yield from self._update_state(target, request.update_id)
-            if existing is None:
-                # Handled by a run that has continued as new since: same id, same result.
-                row = yield Stmt(
-                    ONE,
-                    "SELECT u.run_id, u.state, u.result, u.failure FROM runs r JOIN updates u "
-                    "ON u.run_id = r.run_id AND u.update_id = ? WHERE r.namespace = ? "
-                    "AND r.workflow_id = ? AND r.status = ? ORDER BY r.created_at DESC LIMIT 1",
-                    (request.update_id, namespace, workflow_id, CONTINUED_AS_NEW),
-                )
-                if row is not None:
-                    run, state, result, failure = row
-                    existing = UpdateState(
-                        run, request.update_id, state, loads(result), loads(failure)
-                    )
-            if existing is not None and existing.state != "rejected":
-                return existing  # the same update id: deduplicated
-            if status != "running":
-                raise WorkflowNotFoundError(
-                    f"workflow {workflow_id!r} is not running (it is {status}); "
-                    "updates need a running workflow"
-                )
-            return (yield from self._request_update(target, request, now))
+        return await self._execute(
+            partial(self._request_update_op, namespace, workflow_id, run_id, request, now),
+            writes=True,
+        )
 
-        return await self._execute(op, writes=True)
+    def _request_update_op(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        request: UpdateRequest,
+        now: float,
+    ) -> Op[UpdateState]:
+        target, status, _ = yield from self._find_run(namespace, workflow_id, run_id, False)
+        existing = yield from self._update_state(target, request.update_id)
+        if existing is None:
+            # Handled by a run that has continued as new since: same id, same result.
+            row = yield Stmt(
+                ONE,
+                "SELECT u.run_id, u.state, u.result, u.failure FROM runs r JOIN updates u "
+                "ON u.run_id = r.run_id AND u.update_id = ? WHERE r.namespace = ? "
+                "AND r.workflow_id = ? AND r.status = ? ORDER BY r.created_at DESC LIMIT 1",
+                (request.update_id, namespace, workflow_id, CONTINUED_AS_NEW),
+            )
+            if row is not None:
+                run, state, result, failure = row
+                existing = UpdateState(run, request.update_id, state, loads(result), loads(failure))
+        if existing is not None and existing.state != "rejected":
+            return existing  # the same update id: deduplicated
+        if status != "running":
+            raise WorkflowNotFoundError(
+                f"workflow {workflow_id!r} is not running (it is {status}); "
+                "updates need a running workflow"
+            )
+        return (yield from self._request_update(target, request, now))
 
     def _request_update(self, run_id: str, request: UpdateRequest, now: float) -> Op[UpdateState]:
         yield touch(Change.WORKFLOW_TASK)
@@ -1940,75 +2015,91 @@ class SqlStore(Store):
         args: list[Any],
         now: float,
     ) -> None:
-        def op() -> Op[None]:
-            target, _, task_queue = yield from self._find_run(namespace, workflow_id, run_id, False)
-            yield touch(Change.QUERY)
-            yield Stmt(
-                WRITE,
-                "INSERT INTO queries (query_id, run_id, task_queue, name, args, created_at, "
-                "visible_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (query_id, target, task_queue, name, dumps(args), now, now),
-            )
+        await self._execute(
+            partial(self._create_query, namespace, workflow_id, run_id, query_id, name, args, now),
+            writes=True,
+        )
 
-        await self._execute(op, writes=True)
+    def _create_query(
+        self,
+        namespace: str,
+        workflow_id: str,
+        run_id: str | None,
+        query_id: str,
+        name: str,
+        args: list[Any],
+        now: float,
+    ) -> Op[None]:
+        target, _, task_queue = yield from self._find_run(namespace, workflow_id, run_id, False)
+        yield touch(Change.QUERY)
+        yield Stmt(
+            WRITE,
+            "INSERT INTO queries (query_id, run_id, task_queue, name, args, created_at, "
+            "visible_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (query_id, target, task_queue, name, dumps(args), now, now),
+        )
 
     async def claim_queries(
         self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
     ) -> list[QueryTask]:
-        def op() -> Op[list[QueryTask]]:
-            rows = yield Stmt(
-                ALL,
-                "SELECT q.query_id, q.run_id, r.workflow_id, r.workflow_type, r.namespace, "
-                "q.name, q.args FROM queries q JOIN runs r ON r.run_id = q.run_id "
-                "WHERE q.task_queue = ? AND q.answered = 0 AND q.visible_at <= ? "
-                f"ORDER BY q.visible_at LIMIT ? {self.dialect.skip_locked('q')}",
-                (task_queue, now, limit),
-            )
-            tasks = []
-            for query_id, run_id, wf_id, wf_type, ns, name, args in rows:
-                token = self._token()
-                yield Stmt(
-                    WRITE,
-                    "UPDATE queries SET owner = ?, token = ?, visible_at = ? WHERE query_id = ?",
-                    (owner, token, lease_until, query_id),
-                )
-                tasks.append(
-                    QueryTask(query_id, run_id, wf_id, wf_type, ns, name, _parse(args), token)
-                )
-            return tasks
+        return await self._execute_lease(
+            partial(self._claim_queries, task_queue, owner, limit, lease_until, now)
+        )
 
-        return await self._execute_lease(op)
+    def _claim_queries(
+        self, task_queue: str, owner: str, limit: int, lease_until: float, now: float
+    ) -> Op[list[QueryTask]]:
+        rows = yield Stmt(
+            ALL,
+            "SELECT q.query_id, q.run_id, r.workflow_id, r.workflow_type, r.namespace, "
+            "q.name, q.args FROM queries q JOIN runs r ON r.run_id = q.run_id "
+            "WHERE q.task_queue = ? AND q.answered = 0 AND q.visible_at <= ? "
+            f"ORDER BY q.visible_at LIMIT ? {self.dialect.skip_locked('q')}",
+            (task_queue, now, limit),
+        )
+        tasks = []
+        for query_id, run_id, wf_id, wf_type, ns, name, args in rows:
+            token = self._token()
+            yield Stmt(
+                WRITE,
+                "UPDATE queries SET owner = ?, token = ?, visible_at = ? WHERE query_id = ?",
+                (owner, token, lease_until, query_id),
+            )
+            tasks.append(QueryTask(query_id, run_id, wf_id, wf_type, ns, name, _parse(args), token))
+        return tasks
 
     async def answer_query(
         self, query: QueryTask, result: Any, failure: dict[str, Any] | None
     ) -> None:
-        def op() -> Op[None]:
-            yield touch(Change.QUERY)
-            yield Stmt(
-                WRITE,
-                "UPDATE queries SET answered = 1, result = ?, failure = ? "
-                "WHERE query_id = ? AND token = ?",
-                (dumps(result), dumps(failure) if failure else None, query.query_id, query.token),
-            )
+        await self._execute(partial(self._answer_query, query, result, failure), writes=True)
 
-        await self._execute(op, writes=True)
+    def _answer_query(
+        self, query: QueryTask, result: Any, failure: dict[str, Any] | None
+    ) -> Op[None]:
+        yield touch(Change.QUERY)
+        yield Stmt(
+            WRITE,
+            "UPDATE queries SET answered = 1, result = ?, failure = ? "
+            "WHERE query_id = ? AND token = ?",
+            (dumps(result), dumps(failure) if failure else None, query.query_id, query.token),
+        )
 
     async def take_query_answer(self, query_id: str) -> tuple[bool, Any, dict[str, Any] | None]:
-        def op() -> Op[tuple[bool, Any, dict[str, Any] | None]]:
-            row = yield Stmt(
-                ONE,
-                "SELECT answered, result, failure FROM queries WHERE query_id = ?",
-                (query_id,),
-            )
-            if row is None or not row[0]:
-                return False, None, None
-            yield Stmt(WRITE, "DELETE FROM queries WHERE query_id = ?", (query_id,))
-            return True, loads(row[1]), loads(row[2])
+        return await self._execute(partial(self._take_query_answer, query_id), writes=True)
 
-        return await self._execute(op, writes=True)
+    def _take_query_answer(self, query_id: str) -> Op[tuple[bool, Any, dict[str, Any] | None]]:
+        row = yield Stmt(
+            ONE,
+            "SELECT answered, result, failure FROM queries WHERE query_id = ?",
+            (query_id,),
+        )
+        if row is None or not row[0]:
+            return False, None, None
+        yield Stmt(WRITE, "DELETE FROM queries WHERE query_id = ?", (query_id,))
+        return True, loads(row[1]), loads(row[2])
 
     async def drop_query(self, query_id: str) -> None:
-        def op() -> Op[None]:
-            yield Stmt(WRITE, "DELETE FROM queries WHERE query_id = ?", (query_id,))
+        await self._execute(partial(self._drop_query, query_id), writes=True)
 
-        await self._execute(op, writes=True)
+    def _drop_query(self, query_id: str) -> Op[None]:
+        yield Stmt(WRITE, "DELETE FROM queries WHERE query_id = ?", (query_id,))

@@ -17,21 +17,19 @@ poll; ``PRAGMA data_version``, polled every ``poll_interval`` without it and eve
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import queue
 import sqlite3
 import threading
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, TypeVar
 
-from tether._store import migrations
 from tether._store.changes import Change, ChangeWaiters
-from tether._store.sql import ALL, EXEC, ONE, TOUCH, WRITE, Dialect, Op, SqlStore
+from tether._store.sql import Dialect, Op, SqlStore
+from tether._store.sqlite_batches import BatchWriter, Outcome, Request, connect, store_error
 from tether._store.sqlite_wakeup import CommitWakeup
-from tether.exceptions import (
-    StoreError,
-)
+from tether._store.sqlite_writer_process import ProcessWriter, writer_side_store
+from tether.exceptions import InvalidArgumentError, StoreError
 
 T = TypeVar("T")
 
@@ -39,11 +37,14 @@ T = TypeVar("T")
 # in migrations/postgres/): add a new numbered file to both to change it.
 
 _MAX_BATCH = 512
-_OPEN_RETRY_SECONDS = 10.0
+
+WriterKind = Literal["thread", "process"]
 
 
-class _Op:
-    __slots__ = ("changes", "durable", "fut", "loop", "make", "writes")
+class _Op(Request):
+    """A queued operation and the caller waiting for its outcome."""
+
+    __slots__ = ("fut", "loop")
 
     def __init__(
         self,
@@ -53,43 +54,9 @@ class _Op:
         writes: bool,
         durable: bool = True,
     ) -> None:
-        self.make = make
+        super().__init__(make, writes, durable)
         self.loop = loop
         self.fut = fut
-        self.writes = writes
-        self.durable = durable
-        """False for lease-only writes: their commit need not wait for the disk."""
-        self.changes = 0
-        """The kinds of work (``Change``) the operation touched."""
-
-    def run(self, conn: sqlite3.Connection) -> Any:
-        return _drive(self, conn)
-
-
-def _drive(request: _Op, conn: sqlite3.Connection) -> Any:
-    """Run an operation's statements on ``conn`` until it returns its value."""
-    op = request.make()
-    try:
-        stmt = next(op)
-        while True:
-            if stmt.kind == ONE:
-                result: Any = conn.execute(stmt.sql, stmt.params).fetchone()
-            elif stmt.kind == ALL:
-                result = conn.execute(stmt.sql, stmt.params).fetchall()
-            elif stmt.kind == EXEC:
-                result = conn.execute(stmt.sql, stmt.params).rowcount
-            elif stmt.kind == WRITE:  # in process: nothing to gain from holding it back
-                conn.execute(stmt.sql, stmt.params)
-                result = None
-            elif stmt.kind == TOUCH:
-                request.changes |= stmt.params
-                result = None
-            else:
-                conn.executemany(stmt.sql, stmt.params)
-                result = None
-            stmt = op.send(result)
-    except StopIteration as done:
-        return done.value
 
 
 def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -102,14 +69,17 @@ def _resolve_all(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             fut.set_exception(value)
 
 
-def _deliver(results: list[tuple[_Op, bool, Any]]) -> None:
-    """Hand results back with one wake-up per event loop, not one per operation."""
+def _deliver(batch: Sequence[Request], outcomes: list[Outcome]) -> None:
+    """Hand outcomes back with one wake-up per event loop, not one per operation."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-    for op, ok, value in results:
-        if not ok and isinstance(value, sqlite3.Error):
-            value = StoreError(f"SQLite error: {value}", retryable=True)
-        by_loop.setdefault(op.loop, []).append((op.fut, ok, value))
+    for op, (ok, value) in zip(batch, outcomes, strict=True):
+        assert isinstance(op, _Op)
+        by_loop.setdefault(op.loop, []).append((op.fut, ok, value if ok else store_error(value)))
+    here = asyncio._get_running_loop()  # the process writer replies on the event loop
     for loop, items in by_loop.items():
+        if loop is here:
+            _resolve_all(items)
+            continue
         try:
             loop.call_soon_threadsafe(_resolve_all, items)
         except RuntimeError:
@@ -120,27 +90,52 @@ class SqliteStore(SqlStore):
     """A store in one SQLite file, shared safely by any number of local processes.
 
     Two threads own one connection each: the writer commits in groups, the reader
-    serves reads from WAL snapshots without waiting behind the writer's fsync.
+    serves reads from WAL snapshots without waiting behind the writer's fsync. With
+    ``writer="process"`` the writer thread hands its batches to a process of its own
+    (``sqlite_writer_process``): more throughput where many workflows run in this
+    process, at the cost of a process per store.
     """
 
     # One writer at a time: no row locks needed.
     dialect = Dialect(row_locks=False, json_functions="json1")
 
-    def __init__(self, path: str, *, poll_interval: float = 0.01) -> None:
+    def __init__(
+        self, path: str, *, poll_interval: float = 0.01, writer: WriterKind = "thread"
+    ) -> None:
         super().__init__()
+        in_memory = path == ":memory:"
+        if writer not in ("thread", "process"):
+            raise InvalidArgumentError(
+                f"unknown SQLite writer {writer!r}: use 'thread' (the default) or 'process'"
+            )
+        if writer == "process" and in_memory:
+            raise InvalidArgumentError(
+                "an in-memory SQLite store cannot have its writer in another process: "
+                "use a file, or writer='thread'"
+            )
         self.path = path
         self._poll_interval = poll_interval
+        self._writer_kind = writer
         self._writes: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
-        in_memory = path == ":memory:"
         self._reads = self._writes if in_memory else queue.SimpleQueue()
         self._waiters = ChangeWaiters()
-        self._lazy_commits = False
-        """Whether the writer connection is at synchronous=NORMAL (lease-only batches)."""
         self._closed = False
         self._threads: list[threading.Thread] = []
+        self.process_writer: ProcessWriter | None = None
+        """The writer process's parent side, with ``writer="process"``."""
+        self._process_wakeup: CommitWakeup | None = None
+        if writer == "process":
+            self._open_thread(self._run_reader, "reader")  # creates and migrates the file
+            self._open_process_writer()
+            return
         self._open_thread(self._run_writer, "writer")
         if not in_memory:
             self._open_thread(self._run_reader, "reader")
+
+    def __reduce__(self) -> tuple[Callable[[], SqlStore], tuple[()]]:
+        # Operations sent to the writer process (``partial``s of this store's methods)
+        # run on that process's own store.
+        return writer_side_store, ()
 
     def _open_thread(self, target: Callable[[sqlite3.Connection], None], role: str) -> None:
         ready = threading.Event()
@@ -148,7 +143,7 @@ class SqliteStore(SqlStore):
 
         def main() -> None:
             try:
-                conn = self._connect()
+                conn = connect(self.path)
             except BaseException as e:
                 failure.append(e)
                 ready.set()
@@ -168,29 +163,6 @@ class SqliteStore(SqlStore):
                 f"cannot open SQLite store {self.path!r}: {failure[0]}", retryable=False
             )
         self._threads.append(thread)
-
-    def _connect(self) -> sqlite3.Connection:
-        if self.path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout = 30000")
-            deadline = time.monotonic() + _OPEN_RETRY_SECONDS
-            while True:
-                try:
-                    conn.execute("PRAGMA journal_mode = WAL")
-                    conn.execute("PRAGMA synchronous = FULL")
-                    migrations.migrate_sqlite(conn)
-                    return conn
-                except sqlite3.OperationalError as e:
-                    # Another process creating the same new database (switching it to
-                    # WAL) can make these fail at once, without the busy timeout.
-                    if "locked" not in str(e) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        except BaseException:
-            conn.close()
-            raise
 
     # -- the threads -------------------------------------------------------------
     @staticmethod
@@ -212,116 +184,77 @@ class SqliteStore(SqlStore):
             if first is None:
                 return
             batch, stop = self._drain(self._reads, first)
-            results: list[tuple[_Op, bool, Any]] = []
+            outcomes: list[Outcome] = []
             for op in batch:
                 try:
-                    results.append((op, True, op.run(conn)))
+                    outcomes.append((True, op.run(conn)))
                 except BaseException as e:
-                    results.append((op, False, e))
-            _deliver(results)
+                    outcomes.append((False, e))
+            _deliver(batch, outcomes)
             if stop:
                 return
 
     def _run_writer(self, conn: sqlite3.Connection) -> None:
+        writer = BatchWriter(conn)
+        with self._wakeup() as wakeup:
+            while True:
+                try:
+                    first = self._writes.get(timeout=wakeup.poll_interval)
+                except queue.Empty:
+                    # Another process committed? Wake our waiters without polling tables.
+                    self._replied(wakeup, None, [], 0, writer.others_committed())
+                    continue
+                if first is None:
+                    return
+                batch, stop = self._drain(self._writes, first)
+                self._replied(wakeup, batch, *writer.run(list(batch)))
+                if stop:
+                    return
+
+    def _open_process_writer(self) -> None:
         wakeup = CommitWakeup(self.path, self._waiters.notify, self._poll_interval)
         try:
-            self._write_loop(conn, wakeup)
+            self.process_writer = ProcessWriter(
+                self.path,
+                lambda batch, *reply: self._replied(wakeup, batch, *reply),
+                lambda: wakeup.poll_interval,
+            )
+        except StoreError:
+            wakeup.close()
+            self._shutdown_threads()
+            raise
+        self._process_wakeup = wakeup
+
+    @contextlib.contextmanager
+    def _wakeup(self) -> Iterator[CommitWakeup]:
+        wakeup = CommitWakeup(self.path, self._waiters.notify, self._poll_interval)
+        try:
+            yield wakeup
         finally:
             wakeup.close()
 
-    def _write_loop(self, conn: sqlite3.Connection, wakeup: CommitWakeup) -> None:
-        data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-        while True:
-            try:
-                first = self._writes.get(timeout=wakeup.poll_interval)
-            except queue.Empty:
-                # Another process committed? Wake our waiters without polling the tables.
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
-                wakeup.polled(changed=version != data_version)
-                if version != data_version:
-                    data_version = version
-                    self._waiters.notify(Change.ALL)  # what changed is unknown
-                continue
-            if first is None:
-                return
-            batch, stop = self._drain(self._writes, first)
-            changes = self._run_batch(conn, batch)
-            if changes:
-                wakeup.committed(changes)
-                self._waiters.notify(changes)
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            if version != data_version:
-                data_version = version
-                if not wakeup.active:  # else the other process's wake-up says what changed
-                    self._waiters.notify(Change.ALL)
-            if stop:
-                return
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> int:
-        """Run and commit ``batch``; return the kinds of work (``Change``) it touched."""
-        writes = any(op.writes for op in batch)
-        # Only leases in this batch: commit without fsync. The WAL is written in order,
-        # so the next synced commit makes this one durable too.
-        lazy = not any(op.durable for op in batch)
-        changes = 0
-        try:
-            if lazy != self._lazy_commits:
-                # Set before BEGIN; a durable batch never starts unless FULL was set.
-                conn.execute(f"PRAGMA synchronous = {'NORMAL' if lazy else 'FULL'}")
-                self._lazy_commits = lazy
-            conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-            results = self._run_ops(conn, batch, isolate=False)
-            if results is None:
-                # An operation failed after writing: redo the batch with each operation in
-                # its own savepoint, so its partial writes go and the others' stay.
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-                results = self._run_ops(conn, batch, isolate=True)
-                assert results is not None
-            conn.execute("COMMIT")
-            for op, ok, _ in results:
-                if ok:
-                    changes |= op.changes
-        except sqlite3.Error as e:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-            error = StoreError(f"SQLite transaction failed: {e}", retryable=True)
-            results = [(op, False, error) for op in batch]
+    def _replied(
+        self,
+        wakeup: CommitWakeup,
+        batch: Sequence[Request] | None,
+        outcomes: list[Outcome],
+        changes: int,
+        others: bool,
+    ) -> None:
+        """After a commit (or, ``batch`` None, an idle poll): tell the callers, then wake
+        whoever waits for what changed. ``others``: another connection committed."""
+        if batch is None:
+            wakeup.polled(changed=others)
+            if others:
+                self._waiters.notify(Change.ALL)  # what changed is unknown
+            return
         # Only now, after COMMIT returned (fsync done unless lazy), are callers told.
-        _deliver(results)
-        return changes
-
-    @staticmethod
-    def _run_ops(
-        conn: sqlite3.Connection, batch: list[_Op], isolate: bool
-    ) -> list[tuple[_Op, bool, Any]] | None:
-        """Run each operation; None if one failed after writing (and ``isolate`` is off).
-
-        Most failures (a lost lease, a duplicate id) are found before anything is
-        written, so the common path needs no savepoint per operation.
-        """
-        results: list[tuple[_Op, bool, Any]] = []
-        for op in batch:
-            if isolate:
-                conn.execute("SAVEPOINT op")
-            changes = conn.total_changes
-            try:
-                value = op.run(conn)
-            except BaseException as e:
-                if isolate:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                elif conn.total_changes != changes:
-                    return None
-                results.append((op, False, e))
-                continue
-            if isolate:
-                conn.execute("RELEASE op")
-            results.append((op, True, value))
-        return results
+        _deliver(batch, outcomes)
+        if changes:
+            wakeup.committed(changes)
+            self._waiters.notify(changes)
+        if others and not wakeup.active:  # else their wake-up says what changed
+            self._waiters.notify(Change.ALL)
 
     async def _execute(self, make: Callable[[], Op[T]], writes: bool, durable: bool = True) -> T:
         if self._closed:
@@ -330,7 +263,11 @@ class SqliteStore(SqlStore):
             self.faults.before(writes)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        (self._writes if writes else self._reads).put(_Op(make, loop, fut, writes, durable))
+        op = _Op(make, loop, fut, writes, durable)
+        if writes and self.process_writer is not None:
+            self.process_writer.submit(op, loop)
+        else:
+            (self._writes if writes else self._reads).put(op)
         value = await fut
         if self.faults is not None:
             self.faults.after(writes)
@@ -351,6 +288,10 @@ class SqliteStore(SqlStore):
         if self._closed:
             return
         self._closed = True
+        if self.process_writer is not None:
+            await self.process_writer.close()
+        if self._process_wakeup is not None:
+            self._process_wakeup.close()
         self._shutdown_threads()
         loop = asyncio.get_running_loop()
         for thread in self._threads:

@@ -1,0 +1,186 @@
+"""Group commits on one SQLite connection: the work of the store's single writer.
+
+``BatchWriter`` runs a batch of queued operations inside one transaction and commits
+once (each operation's partial writes undone on its own if it fails), and reports
+commits made by other connections (``PRAGMA data_version``). The writer thread runs
+it in the store's process, or a writer process runs it (``sqlite_writer_process``),
+so that the same code serves both.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tether._store import migrations
+from tether._store.sql import ALL, EXEC, ONE, TOUCH, WRITE, Op
+from tether.exceptions import StoreError
+
+_OPEN_RETRY_SECONDS = 10.0
+
+Outcome = tuple[bool, Any]
+"""An operation's outcome: (True, its value) or (False, the exception it raised)."""
+
+
+class Request:
+    """An operation to run: ``make()`` creates it (again, if its batch is re-run)."""
+
+    __slots__ = ("changes", "durable", "make", "writes")
+
+    def __init__(self, make: Callable[[], Op[Any]], writes: bool, durable: bool = True) -> None:
+        self.make = make
+        self.writes = writes
+        self.durable = durable
+        """False for lease-only writes: their commit need not wait for the disk."""
+        self.changes = 0
+        """The kinds of work (``Change``) the operation touched."""
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        """Run the operation's statements on ``conn`` until it returns its value."""
+        op = self.make()
+        try:
+            stmt = next(op)
+            while True:
+                if stmt.kind == ONE:
+                    result: Any = conn.execute(stmt.sql, stmt.params).fetchone()
+                elif stmt.kind == ALL:
+                    result = conn.execute(stmt.sql, stmt.params).fetchall()
+                elif stmt.kind == EXEC:
+                    result = conn.execute(stmt.sql, stmt.params).rowcount
+                elif stmt.kind == WRITE:  # in process: nothing to gain from holding it back
+                    conn.execute(stmt.sql, stmt.params)
+                    result = None
+                elif stmt.kind == TOUCH:
+                    self.changes |= stmt.params
+                    result = None
+                else:
+                    conn.executemany(stmt.sql, stmt.params)
+                    result = None
+                stmt = op.send(result)
+        except StopIteration as done:
+            return done.value
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (creating and migrating if need be) the store's database at ``path``."""
+    if path != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 30000")
+        deadline = time.monotonic() + _OPEN_RETRY_SECONDS
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                migrations.migrate_sqlite(conn)
+                return conn
+            except sqlite3.OperationalError as e:
+                # Another process creating the same new database (switching it to
+                # WAL) can make these fail at once, without the busy timeout.
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    except BaseException:
+        conn.close()
+        raise
+
+
+class BatchWriter:
+    """Runs batches of write operations on ``conn``, one transaction and commit each."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lazy_commits = False
+        """Whether the connection is at synchronous=NORMAL (lease-only batches)."""
+        self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def run(self, batch: list[Request]) -> tuple[list[Outcome], int, bool]:
+        """Run and commit ``batch``: each operation's outcome, the kinds of work
+        (``Change``) the commit touched, and whether another connection committed
+        since the last look."""
+        outcomes, changes = self._run_batch(batch)
+        return outcomes, changes, self.others_committed()
+
+    def others_committed(self) -> bool:
+        """Whether another connection committed since the last look (our own commits
+        leave ``data_version`` as it is)."""
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return False
+        self._data_version = version
+        return True
+
+    def _run_batch(self, batch: list[Request]) -> tuple[list[Outcome], int]:
+        conn = self._conn
+        writes = any(op.writes for op in batch)
+        # Only leases in this batch: commit without fsync. The WAL is written in order,
+        # so the next synced commit makes this one durable too.
+        lazy = not any(op.durable for op in batch)
+        changes = 0
+        try:
+            if lazy != self._lazy_commits:
+                # Set before BEGIN; a durable batch never starts unless FULL was set.
+                conn.execute(f"PRAGMA synchronous = {'NORMAL' if lazy else 'FULL'}")
+                self._lazy_commits = lazy
+            conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            outcomes = self._run_ops(batch, isolate=False)
+            if outcomes is None:
+                # An operation failed after writing: redo the batch with each operation in
+                # its own savepoint, so its partial writes go and the others' stay.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = self._run_ops(batch, isolate=True)
+                assert outcomes is not None
+            conn.execute("COMMIT")
+            for op, (ok, _) in zip(batch, outcomes, strict=True):
+                if ok:
+                    changes |= op.changes
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            error = StoreError(f"SQLite transaction failed: {e}", retryable=True)
+            outcomes = [(False, error) for _ in batch]
+        # Only now, after COMMIT returned (fsync done unless lazy), may callers be told.
+        return outcomes, changes
+
+    def _run_ops(self, batch: list[Request], isolate: bool) -> list[Outcome] | None:
+        """Run each operation; None if one failed after writing (and ``isolate`` is off).
+
+        Most failures (a lost lease, a duplicate id) are found before anything is
+        written, so the common path needs no savepoint per operation.
+        """
+        conn = self._conn
+        outcomes: list[Outcome] = []
+        for op in batch:
+            op.changes = 0
+            if isolate:
+                conn.execute("SAVEPOINT op")
+            changes = conn.total_changes
+            try:
+                value = op.run(conn)
+            except BaseException as e:
+                if isolate:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                elif conn.total_changes != changes:
+                    return None
+                outcomes.append((False, store_error(e)))
+                continue
+            if isolate:
+                conn.execute("RELEASE op")
+            outcomes.append((True, value))
+        return outcomes
+
+
+def store_error(e: BaseException) -> BaseException:
+    """What a caller gets for ``e``: a SQLite error becomes a retryable ``StoreError``."""
+    if isinstance(e, sqlite3.Error):
+        return StoreError(f"SQLite error: {e}", retryable=True)
+    return e
