@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pydantic
+import pytest
 
 from tether import Worker, activity, workflow
 from tether.testing import WorkflowEnvironment
@@ -173,3 +175,27 @@ async def test_result_of_a_closed_run_is_at_once_while_others_are_awaited(
                 assert await asyncio.wait_for(handle.result(), 0.5) == i
         finally:
             background.cancel()
+
+
+@pytest.fixture
+def gc_threshold() -> Iterator[None]:
+    """Restores the collector's thresholds that a test changes."""
+    saved = gc.get_threshold()
+    yield
+    gc.set_threshold(*saved)
+
+
+@pytest.mark.usefixtures("gc_threshold")
+async def test_a_started_worker_raises_only_the_default_gc_threshold(
+    env: WorkflowEnvironment, make_worker: Callable[..., Worker]
+) -> None:
+    older = gc.get_threshold()[1:]
+    gc.set_threshold(700, *older)  # CPython's default: the worker raises it
+    async with make_worker(env.client, workflows=[Deterministic]):
+        assert gc.get_threshold() == (20_000, *older)
+    gc.set_threshold(1234, *older)  # the process's own choice: left alone
+    async with make_worker(env.client, workflows=[Deterministic]):
+        assert gc.get_threshold() == (1234, *older)
+    gc.set_threshold(700, *older)
+    async with make_worker(env.client, workflows=[Deterministic], tune_gc=False):
+        assert gc.get_threshold() == (700, *older)

@@ -312,6 +312,7 @@ class Engine:
             tasks = await self.store.claim_workflow_tasks(
                 self.task_queue, self.identity, free, now + self.lease_duration, now
             )
+            self.stats["workflow_claims"] += 1
             for task in tasks:
                 self._spawn_workflow_task(task)
             return self._claimed(Change.WORKFLOW_TASK, len(tasks) == free)
