@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,4 +43,74 @@ async def test_lease_only_writes_commit_without_waiting_for_the_disk(tmp_path: P
         assert len(leases) == 2
         assert await store._execute(_synchronous, writes=True) == _FULL
     finally:
+        await store.close()
+
+
+def _thread_id() -> Op[int]:
+    yield Stmt(ONE, "SELECT 1", ())
+    return threading.get_ident()
+
+
+async def test_writes_of_an_idle_loop_commit_on_it_in_one_batch(tmp_path: Path) -> None:
+    """Nothing else waiting: the writes of one pass of the loop commit together on the
+    loop's own thread, with no hand-off to the writer thread and back."""
+    store = SqliteStore(os.path.join(tmp_path, "store.db"))
+    try:
+        assert await store._execute(_thread_id, writes=True) == threading.get_ident()
+        before = dict(store.stats)
+        threads = await asyncio.gather(
+            *(store._execute(_thread_id, writes=True) for _ in range(20))
+        )
+        assert set(threads) == {threading.get_ident()}
+        assert store.stats["loop_batches"] == before["loop_batches"] + 1
+        assert store.stats["thread_batches"] == before["thread_batches"]
+    finally:
+        await store.close()
+
+
+async def test_writes_go_to_the_writer_thread_while_the_loop_has_other_work(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(os.path.join(tmp_path, "store.db"))
+    stop = False
+
+    async def busy() -> None:
+        while not stop:
+            await asyncio.sleep(0)  # always a callback ready
+
+    spinner = asyncio.create_task(busy())
+    try:
+        await asyncio.sleep(0)
+        assert await store._execute(_thread_id, writes=True) != threading.get_ident()
+        assert store.stats["thread_batches"] == 1
+    finally:
+        stop = True
+        await spinner
+        await store.close()
+
+
+async def test_a_write_never_blocks_the_loop_behind_another_connections_lock(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the write lock: the write waits on the writer thread, and
+    the event loop goes on meanwhile."""
+    path = os.path.join(tmp_path, "store.db")
+    store = SqliteStore(path)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        await store._execute(_thread_id, writes=True)  # the schema exists
+        other.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(1.0, other.execute, ["COMMIT"])
+        release.start()
+        write = asyncio.create_task(store._execute(_thread_id, writes=True))
+        began = time.monotonic()
+        await asyncio.sleep(0.05)
+        assert time.monotonic() - began < 0.5, "the event loop was blocked"
+        assert not write.done()
+        assert await write != threading.get_ident()
+        assert time.monotonic() - began >= 0.9  # it did wait for the lock
+        assert store.stats["thread_batches"] == 1
+        release.join()
+    finally:
+        other.close()
         await store.close()

@@ -20,6 +20,8 @@ from tether._store.sql import ALL, EXEC, ONE, TOUCH, WRITE, Op
 from tether.exceptions import StoreError
 
 _OPEN_RETRY_SECONDS = 10.0
+BUSY_TIMEOUT_MS = 30_000
+"""How long a statement waits for another connection's lock before failing."""
 
 Outcome = tuple[bool, Any]
 """An operation's outcome: (True, its value) or (False, the exception it raised)."""
@@ -70,7 +72,7 @@ def connect(path: str) -> sqlite3.Connection:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         deadline = time.monotonic() + _OPEN_RETRY_SECONDS
         while True:
             try:
@@ -102,8 +104,15 @@ class BatchWriter:
         """Run and commit ``batch``: each operation's outcome, the kinds of work
         (``Change``) the commit touched, and whether another connection committed
         since the last look."""
-        outcomes, changes = self._run_batch(batch)
-        return outcomes, changes, self.others_committed()
+        done = self._run_batch(batch, wait=True)
+        assert done is not None
+        return (*done, self.others_committed())
+
+    def run_unless_locked(self, batch: list[Request]) -> tuple[list[Outcome], int, bool] | None:
+        """Like ``run``, but None at once, having done nothing, if another connection
+        (another process) holds the write lock: for callers that must not wait."""
+        done = self._run_batch(batch, wait=False)
+        return None if done is None else (*done, self.others_committed())
 
     def others_committed(self) -> bool:
         """Whether another connection committed since the last look (our own commits
@@ -114,7 +123,7 @@ class BatchWriter:
         self._data_version = version
         return True
 
-    def _run_batch(self, batch: list[Request]) -> tuple[list[Outcome], int]:
+    def _run_batch(self, batch: list[Request], wait: bool) -> tuple[list[Outcome], int] | None:
         conn = self._conn
         writes = any(op.writes for op in batch)
         # Only leases in this batch: commit without fsync. The WAL is written in order,
@@ -126,7 +135,8 @@ class BatchWriter:
                 # Set before BEGIN; a durable batch never starts unless FULL was set.
                 conn.execute(f"PRAGMA synchronous = {'NORMAL' if lazy else 'FULL'}")
                 self._lazy_commits = lazy
-            conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            if not self._begin(writes, wait):
+                return None
             outcomes = self._run_ops(batch, isolate=False)
             if outcomes is None:
                 # An operation failed after writing: redo the batch with each operation in
@@ -149,6 +159,23 @@ class BatchWriter:
             outcomes = [(False, error) for _ in batch]
         # Only now, after COMMIT returned (fsync done unless lazy), may callers be told.
         return outcomes, changes
+
+    def _begin(self, writes: bool, wait: bool) -> bool:
+        """Begin the batch's transaction; False if ``wait`` is off and another
+        connection holds the write lock."""
+        if wait or not writes:
+            self._conn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+            return True
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                return False
+            raise
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return True
 
     def _run_ops(self, batch: list[Request], isolate: bool) -> list[Outcome] | None:
         """Run each operation; None if one failed after writing (and ``isolate`` is off).
