@@ -161,3 +161,34 @@ async def test_bad_sqlite_url_options_are_refused(
     with pytest.raises(InvalidArgumentError, match=message):
         await open_store(url)
     assert not (tmp_path / "t.db").exists()
+
+
+async def test_the_writer_process_leaves_ctrl_c_to_its_parent(tmp_path: Path) -> None:
+    """SIGINT goes to a terminal's whole process group: the parent shuts down
+    gracefully, and its writer must keep serving it meanwhile."""
+    store = await open_store(f"sqlite:///{tmp_path}/t.db?writer=process")
+    assert isinstance(store, SqliteStore) and store.process_writer is not None
+    try:
+        await store.register_worker("q", "w", {}, [], 1.0)
+        child = store.process_writer.pid
+        assert child is not None
+        os.kill(child, signal.SIGINT)
+        await asyncio.sleep(0.2)
+        assert _alive(child)
+        await store.register_worker("q", "w", {}, [], 2.0)
+        assert store.process_writer.pid == child
+    finally:
+        await store.close()
+
+
+async def test_a_store_whose_writer_process_died_closes_cleanly(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path}/t.db?writer=process")
+    assert isinstance(store, SqliteStore) and store.process_writer is not None
+    await store.register_worker("q", "w", {}, [], 1.0)
+    child = store.process_writer.pid
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    await store.close()  # no error, and no new child started for the close
+    assert store.process_writer.pid is None
+    with pytest.raises(StoreError, match="closed"):
+        await store.register_worker("q", "w", {}, [], 2.0)

@@ -129,6 +129,7 @@ class SqliteStore(SqlStore):
         self._on_loop: list[_Op] = []
         """Writes queued during this pass of ``_home_loop``, for ``_flush_on_loop``."""
         self._home_loop: asyncio.AbstractEventLoop | None = None
+        self._home_lock = threading.Lock()
         self.stats = {"loop_batches": 0, "thread_batches": 0}
         """Write batches committed on the event loop's thread and on the writer thread."""
         self._threads: list[threading.Thread] = []
@@ -254,7 +255,9 @@ class SqliteStore(SqlStore):
         """Writes of one event loop wait for the end of its pass (``_flush_on_loop``);
         those of any other loop go to the writer thread at once."""
         if self._home_loop is None:
-            self._home_loop = loop
+            with self._home_lock:  # two loops' first writes at once: one is home
+                if self._home_loop is None:
+                    self._home_loop = loop
         if loop is not self._home_loop or self._writer is None:
             self._writes.put(op)
             return
@@ -262,7 +265,7 @@ class SqliteStore(SqlStore):
         if len(self._on_loop) == 1:
             loop.call_soon(self._flush_on_loop)
 
-    def _flush_on_loop(self) -> None:
+    def _flush_on_loop(self, closing: bool = False) -> None:
         """Commit the writes of this pass of the loop right here if nothing else waits:
         neither the writer thread (idle, nothing queued) nor the loop (no other callback
         ready) nor another process (the write lock is free). That saves the two thread
@@ -271,6 +274,10 @@ class SqliteStore(SqlStore):
         the loop's work."""
         batch, self._on_loop = self._on_loop, []
         if not batch:
+            return
+        if self._closed and not closing:  # closed from another loop: never started
+            error = StoreError("the store is closed", retryable=False)
+            _deliver(batch, [(False, error)] * len(batch))
             return
         # CPython's loops keep their ready callbacks in ``_ready``; others hand over always.
         ready = getattr(asyncio.get_running_loop(), "_ready", None)
@@ -360,12 +367,20 @@ class SqliteStore(SqlStore):
         if self._closed:
             return
         self._closed = True
-        self._flush_on_loop()  # (to the writer thread: it is closed)
-        if self.process_writer is not None:
-            await self.process_writer.close()
-        if self._process_wakeup is not None:
-            self._process_wakeup.close()
-        self._shutdown_threads()
         loop = asyncio.get_running_loop()
+        if loop is self._home_loop:
+            self._flush_on_loop(closing=True)  # accepted before the close: to the thread
+        elif self._home_loop is not None:
+            try:  # its writes not yet handed over fail as never started
+                self._home_loop.call_soon_threadsafe(self._flush_on_loop)
+            except RuntimeError:
+                pass  # that loop has closed: nobody waits for them
+        try:
+            if self.process_writer is not None:
+                await self.process_writer.close()
+        finally:
+            if self._process_wakeup is not None:
+                self._process_wakeup.close()
+            self._shutdown_threads()
         for thread in self._threads:
             await loop.run_in_executor(None, thread.join)

@@ -137,12 +137,15 @@ class BatchWriter:
                 self._lazy_commits = lazy
             if not self._begin(writes, wait):
                 return None
+            # Undone to this savepoint, a first pass keeps the transaction and its write
+            # lock: the redo never waits for another connection (nor does the event loop,
+            # when it commits the batch itself).
+            conn.execute("SAVEPOINT batch")
             outcomes = self._run_ops(batch, isolate=False)
             if outcomes is None:
                 # An operation failed after writing: redo the batch with each operation in
                 # its own savepoint, so its partial writes go and the others' stay.
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK TO batch")
                 outcomes = self._run_ops(batch, isolate=True)
                 assert outcomes is not None
             conn.execute("COMMIT")
@@ -150,15 +153,21 @@ class BatchWriter:
                 if ok:
                     changes |= op.changes
         except sqlite3.Error as e:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            self._roll_back()
             error = StoreError(f"SQLite transaction failed: {e}", retryable=True)
             outcomes = [(False, error) for _ in batch]
+        except BaseException:
+            self._roll_back()  # interrupted (Ctrl-C on the loop's thread): leave nothing open
+            raise
         # Only now, after COMMIT returned (fsync done unless lazy), may callers be told.
         return outcomes, changes
+
+    def _roll_back(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def _begin(self, writes: bool, wait: bool) -> bool:
         """Begin the batch's transaction; False if ``wait`` is off and another
@@ -192,7 +201,7 @@ class BatchWriter:
             changes = conn.total_changes
             try:
                 value = op.run(conn)
-            except BaseException as e:
+            except Exception as e:  # (an interrupt ends the batch: _run_batch)
                 if isolate:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")

@@ -23,9 +23,11 @@ import collections
 import copyreg
 import dataclasses
 import io
+import logging
 import operator
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
@@ -39,6 +41,8 @@ from tether._store import base
 from tether._store.sql import Dialect, SqlStore
 from tether._store.sqlite_batches import BatchWriter, Outcome, Request, connect
 from tether.exceptions import StoreError
+
+logger = logging.getLogger("tether.store")
 
 _POLL = "poll"
 """A request without operations: has another connection committed?"""
@@ -86,6 +90,7 @@ class ProcessWriter:
         self._sent_since_idle = False
         self._idle_handle: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
+        self._closed = False
         self._proc, self._sock = _spawn(path)
 
     @property
@@ -95,6 +100,8 @@ class ProcessWriter:
 
     def submit(self, op: Request, loop: asyncio.AbstractEventLoop) -> None:
         """Queue ``op`` (called on ``loop``); its outcome goes to ``on_reply``."""
+        if self._closed:
+            raise StoreError("the store is closed", retryable=False)
         if self._loop is None:
             self._bind(loop)
         if loop is self._loop:
@@ -113,6 +120,10 @@ class ProcessWriter:
         self._idle_handle = loop.call_later(self._poll_interval(), self._idle)
 
     def _queue(self, op: Request) -> None:
+        if self._closed:  # (handed over from another loop as the store closed)
+            error = StoreError("the store is closed", retryable=False)
+            self._on_reply([op], [(False, error)], 0, False)
+            return
         self._pending.append(op)
         if len(self._pending) >= _FLUSH_EVERY:
             self._flush()
@@ -148,11 +159,12 @@ class ProcessWriter:
 
     def _send(self, batch: list[Request] | None, request: bytes) -> None:
         if self._sock is None:
+            if batch is None:
+                return  # a poll or the stop: no reason to start a child for them
             try:
                 self._restart()
             except StoreError as e:
-                if batch is not None:
-                    self._on_reply(batch, [(False, e) for _ in batch], 0, True)
+                self._on_reply(batch, [(False, e) for _ in batch], 0, True)
                 return
         self._in_flight.append(batch)
         self._sent_since_idle = True
@@ -205,7 +217,14 @@ class ProcessWriter:
                 break
             message = bytes(self._in[_HEADER.size : _HEADER.size + size])
             del self._in[: _HEADER.size + size]
-            self._replied(pickle.loads(message))
+            try:
+                reply = pickle.loads(message)
+            except Exception:
+                # Which callers it answered is unknown now: fail them all, as if lost.
+                logger.exception("unreadable reply from the SQLite writer process")
+                self._lost()
+                return
+            self._replied(reply)
 
     def _replied(self, message: tuple[list[list[Outcome]], int, bool]) -> None:
         replies, changes, others = message
@@ -249,6 +268,7 @@ class ProcessWriter:
 
     async def close(self) -> None:
         """Send what is queued, let the child answer everything, then stop it."""
+        self._closed = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         if self._loop is None or self._loop is not asyncio.get_running_loop():
@@ -261,7 +281,8 @@ class ProcessWriter:
         if self._sock is not None:
             self._drained = self._loop.create_future()
             self._send(None, pickle.dumps(_STOP))
-            self._in_flight.pop()  # the stop request gets no answer
+            if self._in_flight:  # (empty if the child was lost meanwhile)
+                self._in_flight.pop()  # the stop request gets no answer
             if self._in_flight:
                 await self._drained
         if self._sock is not None:
@@ -477,6 +498,11 @@ _CHILD_MAIN = f"from {__name__} import main; main()"
 
 def main() -> None:
     from tether._store.sqlite import SqliteStore
+
+    # A Ctrl-C (or a SIGTERM to the process group) is for the parent, which shuts down
+    # gracefully and then closes the socket: this process ends with its parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     # Each operation unpickled and run here is short-lived garbage, as in a worker.
     _gc_tuning.raise_first_threshold()
