@@ -137,15 +137,14 @@ class BatchWriter:
                 self._lazy_commits = lazy
             if not self._begin(writes, wait):
                 return None
-            # Undone to this savepoint, a first pass keeps the transaction and its write
-            # lock: the redo never waits for another connection (nor does the event loop,
-            # when it commits the batch itself).
-            conn.execute("SAVEPOINT batch")
             outcomes = self._run_ops(batch, isolate=False)
             if outcomes is None:
                 # An operation failed after writing: redo the batch with each operation in
-                # its own savepoint, so its partial writes go and the others' stay.
-                conn.execute("ROLLBACK TO batch")
+                # its own savepoint, so its partial writes go and the others' stay. (Not
+                # a savepoint around the first pass instead: that made E 10% slower.)
+                conn.execute("ROLLBACK")
+                if not self._begin(True, wait):
+                    return None  # another connection took the lock: nothing done
                 outcomes = self._run_ops(batch, isolate=True)
                 assert outcomes is not None
             conn.execute("COMMIT")
