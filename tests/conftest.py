@@ -3,7 +3,8 @@
 Workflow tests take ``make_worker`` and run twice: with the workflow cache, and in
 "always replay" mode (``max_cached_workflows=0``), where every workflow task rebuilds
 the workflow from history, to flush out determinism bugs. Store tests take
-``store`` and run against every backend, and so do workflow tests through ``env``
+``store`` and run against every backend (and SQLite with its writer in a process of
+its own), and so do workflow tests through ``env``
 and ``skipping_env``.
 
 PostgreSQL runs use one database per test session, created with a random name on

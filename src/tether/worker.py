@@ -97,7 +97,6 @@ class Worker:
             "activity_executor": activity_executor,
             "tune_gc": tune_gc,
         }
-        self._tune_gc = tune_gc
         self._engine = Engine(
             client.store,
             client.clock,
@@ -142,7 +141,7 @@ class Worker:
             raise RuntimeError("worker already started")
         self._started = True
         self._stopped = asyncio.Event()
-        if self._tune_gc and gc_tuning.raise_first_threshold():
+        if self._options["tune_gc"] and gc_tuning.raise_first_threshold():
             logger.debug("garbage collector threshold raised to %d", gc_tuning.WORKER_THRESHOLD)
         await self._engine.start()
         logger.info("worker %s polling task queue %r", self.identity, self.task_queue)

@@ -75,7 +75,7 @@ def _deliver(batch: Sequence[Request], outcomes: list[Outcome]) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
     for op, (ok, value) in zip(batch, outcomes, strict=True):
         assert isinstance(op, _Op)
-        by_loop.setdefault(op.loop, []).append((op.fut, ok, value if ok else store_error(value)))
+        by_loop.setdefault(op.loop, []).append((op.fut, ok, value))
     here = asyncio._get_running_loop()  # the process writer replies on the event loop
     for loop, items in by_loop.items():
         if loop is here:
@@ -116,7 +116,6 @@ class SqliteStore(SqlStore):
             )
         self.path = path
         self._poll_interval = poll_interval
-        self._writer_kind = writer
         self._writes: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._reads = self._writes if in_memory else queue.SimpleQueue()
         self._waiters = ChangeWaiters()
@@ -216,7 +215,7 @@ class SqliteStore(SqlStore):
                 try:
                     outcomes.append((True, op.run(conn)))
                 except BaseException as e:
-                    outcomes.append((False, e))
+                    outcomes.append((False, store_error(e)))
             _deliver(batch, outcomes)
             if stop:
                 return
@@ -242,7 +241,7 @@ class SqliteStore(SqlStore):
                     return
                 batch, stop = self._drain(self._writes, first)
                 with self._writer_lock:
-                    self._replied(wakeup, batch, *writer.run(list(batch)))
+                    self._replied(wakeup, batch, *writer.run(batch))
                     self.stats["thread_batches"] += 1
                 if stop:
                     return
@@ -286,7 +285,7 @@ class SqliteStore(SqlStore):
             try:
                 if self._writer is not None:
                     writer, wakeup = self._writer
-                    done = writer.run_unless_locked(list(batch))
+                    done = writer.run_unless_locked(batch)
                     if done is not None:
                         self._replied(wakeup, batch, *done)
                         self.stats["loop_batches"] += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether._store import migrations
@@ -100,7 +100,7 @@ class BatchWriter:
         """Whether the connection is at synchronous=NORMAL (lease-only batches)."""
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
-    def run(self, batch: list[Request]) -> tuple[list[Outcome], int, bool]:
+    def run(self, batch: Sequence[Request]) -> tuple[list[Outcome], int, bool]:
         """Run and commit ``batch``: each operation's outcome, the kinds of work
         (``Change``) the commit touched, and whether another connection committed
         since the last look."""
@@ -108,7 +108,7 @@ class BatchWriter:
         assert done is not None
         return (*done, self.others_committed())
 
-    def run_unless_locked(self, batch: list[Request]) -> tuple[list[Outcome], int, bool] | None:
+    def run_unless_locked(self, batch: Sequence[Request]) -> tuple[list[Outcome], int, bool] | None:
         """Like ``run``, but None at once, having done nothing, if another connection
         (another process) holds the write lock: for callers that must not wait."""
         done = self._run_batch(batch, wait=False)
@@ -123,7 +123,7 @@ class BatchWriter:
         self._data_version = version
         return True
 
-    def _run_batch(self, batch: list[Request], wait: bool) -> tuple[list[Outcome], int] | None:
+    def _run_batch(self, batch: Sequence[Request], wait: bool) -> tuple[list[Outcome], int] | None:
         conn = self._conn
         writes = any(op.writes for op in batch)
         # Only leases in this batch: commit without fsync. The WAL is written in order,
@@ -185,7 +185,7 @@ class BatchWriter:
             self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return True
 
-    def _run_ops(self, batch: list[Request], isolate: bool) -> list[Outcome] | None:
+    def _run_ops(self, batch: Sequence[Request], isolate: bool) -> list[Outcome] | None:
         """Run each operation; None if one failed after writing (and ``isolate`` is off).
 
         Most failures (a lost lease, a duplicate id) are found before anything is

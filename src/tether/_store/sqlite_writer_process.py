@@ -139,11 +139,11 @@ class ProcessWriter:
             try:
                 request = _request(batch)
             except Exception:
-                batch, request = self._sendable(batch)
+                batch, request = self._without_unpicklable(batch)
             if batch:
                 self._send(batch, request)
 
-    def _sendable(self, batch: list[Request]) -> tuple[list[Request], bytes]:
+    def _without_unpicklable(self, batch: list[Request]) -> tuple[list[Request], bytes]:
         """``batch`` does not pickle as a whole: fail the operations that do not pickle
         (a programming error, told to their callers) and return the rest."""
         sendable: list[Request] = []
@@ -476,10 +476,10 @@ def _pickle_reply(replies: list[list[Outcome]], changes: int, others: bool) -> b
         return _dumps((replies, changes, others))
     except Exception:
         # A value or error that does not pickle fails its own caller, not the batch.
-        return _dumps(([_sendable(r) for r in replies], changes, others))
+        return _dumps(([_picklable_outcomes(r) for r in replies], changes, others))
 
 
-def _sendable(outcomes: list[Outcome]) -> list[Outcome]:
+def _picklable_outcomes(outcomes: list[Outcome]) -> list[Outcome]:
     sendable: list[Outcome] = []
     for ok, value in outcomes:
         try:
