@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tether._store import sqlite_batches
+from tether._store.base import WORKFLOW_COMPLETED, NewRun, RunClose, WorkflowTaskCompletion
 from tether._store.sql import ONE, Op, Stmt
 from tether._store.sqlite import SqliteStore
 
@@ -75,7 +79,7 @@ async def test_writes_of_an_idle_loop_commit_on_it_in_one_batch(tmp_path: Path) 
 async def test_writes_go_to_the_writer_thread_while_the_loop_has_other_work(
     tmp_path: Path,
 ) -> None:
-    store = SqliteStore(os.path.join(tmp_path, "store.db"))
+    store = SqliteStore(os.path.join(tmp_path, "store.db"), poll_interval=_NO_POLL)
     stop = False
 
     async def busy() -> None:
@@ -117,3 +121,87 @@ async def test_a_write_never_blocks_the_loop_behind_another_connections_lock(
     finally:
         other.close()
         await store.close()
+
+
+async def _close_many(path: str, runs: int) -> dict[str, list[Any]]:
+    """Start ``runs`` runs, then close them all with completions gathered into one
+    batch (one of them with a lease it lost); the tables as they are afterwards."""
+    store = SqliteStore(path, poll_interval=_NO_POLL)
+    try:
+        for i in range(runs):
+            await store.start_run(
+                NewRun("default", f"wf{i}", f"run-{i:02}", "Flow", "q", [i], f"r{i}", 7, 100.0)
+            )
+        tasks = await store.claim_workflow_tasks("q", "w1", runs, 200.0, 100.0)
+        tasks[3].token = "lost"
+        completions = [
+            WorkflowTaskCompletion(
+                task=task,
+                events=[(WORKFLOW_COMPLETED, {"result": task.run_id})],
+                inputs_through=1,
+                close=RunClose(status="completed", result=task.run_id),
+            )
+            for task in tasks
+        ]
+        results = await asyncio.gather(
+            *(store.complete_workflow_task(c, "w1", 150.0) for c in completions),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ for r in results] == [
+            "StaleTaskError" if i == 3 else "WorkflowTaskResult" for i in range(runs)
+        ]
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            table: conn.execute(f"SELECT {columns} FROM {table} ORDER BY 1, 2").fetchall()
+            for table, columns in [
+                ("runs", "*"),
+                ("history", "*"),
+                ("workflow_tasks", "run_id, task_queue, visible_at, attempt"),
+            ]
+        }
+    finally:
+        conn.close()
+
+
+async def test_closing_completions_run_as_one_group_with_the_same_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of closing completions runs as one set-based operation (``together``),
+    and leaves the database exactly as running them one by one does."""
+    real_together = sqlite_batches.together
+    groups: list[int] = []
+
+    def spy(make: Any) -> Any:
+        run_group = real_together(make)
+        return None if run_group is None else _Counting(run_group, groups)
+
+    monkeypatch.setattr(sqlite_batches, "together", spy)
+    grouped = await _close_many(os.path.join(tmp_path, "grouped.db"), 20)
+    assert groups == [20]  # one group, the lost lease among them
+
+    monkeypatch.setattr(sqlite_batches, "together", lambda make: None)
+    alone = await _close_many(os.path.join(tmp_path, "alone.db"), 20)
+    assert alone == grouped
+    assert [row[5] for row in grouped["runs"]].count("completed") == 19
+
+
+class _Counting:
+    """A group function that records the size of each group it runs; equal to another
+    that wraps the same function (as ``together``'s results must be)."""
+
+    def __init__(self, run_group: Any, calls: list[int]) -> None:
+        self.run_group = run_group
+        self.calls = calls
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Counting) and other.run_group == self.run_group
+
+    def __hash__(self) -> int:
+        return hash(self.run_group)
+
+    def __call__(self, makes: list[Any]) -> Any:
+        self.calls.append(len(makes))
+        return self.run_group(makes)

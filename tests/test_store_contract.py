@@ -552,3 +552,66 @@ async def test_a_run_closed_by_an_activity_result_drops_its_timer(store: Store) 
     assert (await store.get_run("default", "wf", None)).status == "completed"
     assert await store.next_due_times() == (None, None)
     assert await store.fire_due_timers(NOW + 5, 10) == 0
+
+
+async def test_many_closing_tasks_commit_together_each_as_if_alone(store: Store) -> None:
+    """Closing completions committed in one transaction (SQLite runs them as one
+    set-based operation) each do exactly what they would alone: a lost lease fails
+    only its own; a run's leftover timer goes; a child's close reaches its parent."""
+    plain = [f"run-{i}" for i in range(10)]
+    for i, run_id in enumerate(plain):
+        await store.start_run(new_run(f"wf{i}", run_id, f"r{i}"))
+    await store.start_run(new_run("stale", "run-stale", "r-stale"))
+    await store.start_run(new_run("timer", "run-timer", "r-timer"))
+    await store.start_run(new_run("parent", "run-parent", "r-parent"))
+    child = dataclasses.replace(
+        new_run("child", "run-child", "r-child"), parent_run_id="run-parent", parent_seq=2
+    )
+    await store.start_run(child)
+    tasks = {
+        t.run_id: t for t in await store.claim_workflow_tasks("q", "w1", 100, NOW + LEASE, NOW)
+    }
+    # run-timer sleeps (a pending timer), then a signal gives it a task that closes it.
+    sleep = WorkflowTaskCompletion(
+        task=tasks.pop("run-timer"),
+        events=[(TIMER_STARTED, {"seq": 2, "fire_at": NOW + 50})],
+        inputs_through=1,
+        timers=[(2, NOW + 50)],
+    )
+    await store.complete_workflow_task(sleep, "w1", NOW)
+    await store.signal_run("default", "timer", None, "go", [], NOW)
+    (woken,) = await store.claim_workflow_tasks("q", "w1", 100, NOW + LEASE, NOW)
+    tasks["run-timer"] = woken
+    tasks["run-stale"] = dataclasses.replace(tasks["run-stale"], token="not-the-lease")
+    tasks.pop("run-parent")  # stays open, to hear from its child
+
+    order = [*plain[:5], "run-stale", "run-timer", "run-child", *plain[5:]]
+    results = await asyncio.gather(
+        *(store.complete_workflow_task(complete(tasks[r]), "w1", NOW) for r in order),
+        return_exceptions=True,
+    )
+    outcome = dict(zip(order, results, strict=True))
+    assert isinstance(outcome.pop("run-stale"), StaleTaskError)
+    for run_id, result in outcome.items():
+        assert not isinstance(result, BaseException), (run_id, result)
+        assert result.history_length == tasks[run_id].history_length + 2
+        assert result.more_work is False and result.eager_activities == []
+    runs = {r.run_id: r.status for r in await store.list_runs("default")}
+    assert runs == {
+        **dict.fromkeys([*plain, "run-timer", "run-child"], "completed"),
+        "run-stale": "running",
+        "run-parent": "running",
+    }
+    for run_id in plain:
+        history = await store.read_history(run_id)
+        assert [(e.seq, e.type) for e in history] == [
+            (1, "WorkflowStarted"),
+            (2, WORKFLOW_COMPLETED),
+            (3, WORKFLOW_TASK_COMPLETED),
+        ]
+    assert (await store.next_due_times())[0] is None  # run-timer's timer went with it
+    parent = await store.read_history("run-parent")
+    assert parent[-1].type == "ChildWorkflowCompleted" and parent[-1].data["seq"] == 2
+    # Only the parent (told of its child) and the stale run have a task left.
+    left = await store.claim_workflow_tasks("q", "w2", 100, NOW + 2 * LEASE, NOW + LEASE + 1)
+    assert sorted(t.run_id for t in left) == ["run-parent", "run-stale"]

@@ -241,8 +241,9 @@ class SqliteStore(SqlStore):
                     return
                 batch, stop = self._drain(self._writes, first)
                 with self._writer_lock:
-                    self._replied(wakeup, batch, *writer.run(batch))
-                    self.stats["thread_batches"] += 1
+                    done = writer.run(batch)
+                    self.stats["thread_batches"] += 1  # before callers can see it done
+                    self._replied(wakeup, batch, *done)
                 if stop:
                     return
         finally:
@@ -287,8 +288,8 @@ class SqliteStore(SqlStore):
                     writer, wakeup = self._writer
                     done = writer.run_unless_locked(batch)
                     if done is not None:
-                        self._replied(wakeup, batch, *done)
                         self.stats["loop_batches"] += 1
+                        self._replied(wakeup, batch, *done)
                         return
             finally:
                 self._writer_lock.release()

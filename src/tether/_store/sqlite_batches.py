@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether._store import migrations
-from tether._store.sql import ALL, EXEC, ONE, TOUCH, WRITE, Op
+from tether._store.sql import ALL, EXEC, ONE, TOUCH, WRITE, Op, together
 from tether.exceptions import StoreError
 
 _OPEN_RETRY_SECONDS = 10.0
@@ -42,28 +42,35 @@ class Request:
 
     def run(self, conn: sqlite3.Connection) -> Any:
         """Run the operation's statements on ``conn`` until it returns its value."""
-        op = self.make()
-        try:
-            stmt = next(op)
-            while True:
-                if stmt.kind == ONE:
-                    result: Any = conn.execute(stmt.sql, stmt.params).fetchone()
-                elif stmt.kind == ALL:
-                    result = conn.execute(stmt.sql, stmt.params).fetchall()
-                elif stmt.kind == EXEC:
-                    result = conn.execute(stmt.sql, stmt.params).rowcount
-                elif stmt.kind == WRITE:  # in process: nothing to gain from holding it back
-                    conn.execute(stmt.sql, stmt.params)
-                    result = None
-                elif stmt.kind == TOUCH:
-                    self.changes |= stmt.params
-                    result = None
-                else:
-                    conn.executemany(stmt.sql, stmt.params)
-                    result = None
-                stmt = op.send(result)
-        except StopIteration as done:
-            return done.value
+        value, self.changes = run_op(conn, self.make())
+        return value
+
+
+def run_op(conn: sqlite3.Connection, op: Op[Any]) -> tuple[Any, int]:
+    """Run ``op``'s statements on ``conn``: its value, and the kinds of work (``Change``)
+    it touched."""
+    changes = 0
+    try:
+        stmt = next(op)
+        while True:
+            if stmt.kind == ONE:
+                result: Any = conn.execute(stmt.sql, stmt.params).fetchone()
+            elif stmt.kind == ALL:
+                result = conn.execute(stmt.sql, stmt.params).fetchall()
+            elif stmt.kind == EXEC:
+                result = conn.execute(stmt.sql, stmt.params).rowcount
+            elif stmt.kind == WRITE:  # in process: nothing to gain from holding it back
+                conn.execute(stmt.sql, stmt.params)
+                result = None
+            elif stmt.kind == TOUCH:
+                changes |= stmt.params
+                result = None
+            else:
+                conn.executemany(stmt.sql, stmt.params)
+                result = None
+            stmt = op.send(result)
+    except StopIteration as done:
+        return done.value, changes
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -189,29 +196,77 @@ class BatchWriter:
         """Run each operation; None if one failed after writing (and ``isolate`` is off).
 
         Most failures (a lost lease, a duplicate id) are found before anything is
-        written, so the common path needs no savepoint per operation.
+        written, so the common path needs no savepoint per operation. Neighbours that
+        can run as one operation (``together``) do so, except when isolated.
         """
-        conn = self._conn
         outcomes: list[Outcome] = []
-        for op in batch:
-            op.changes = 0
-            if isolate:
-                conn.execute("SAVEPOINT op")
-            changes = conn.total_changes
-            try:
-                value = op.run(conn)
-            except Exception as e:  # (an interrupt ends the batch: _run_batch)
-                if isolate:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                elif conn.total_changes != changes:
+        i = 0
+        while i < len(batch):
+            run_group = None if isolate else together(batch[i].make)
+            end = i + 1
+            while run_group is not None and end < len(batch):
+                if together(batch[end].make) != run_group:
+                    break
+                end += 1
+            if end - i > 1:
+                assert run_group is not None
+                done = self._run_group(run_group, batch[i:end])
+                if done is None:
                     return None
-                outcomes.append((False, store_error(e)))
-                continue
-            if isolate:
-                conn.execute("RELEASE op")
-            outcomes.append((True, value))
+                outcomes += done
+            else:
+                outcome = self._run_one(batch[i], isolate)
+                if outcome is None:
+                    return None
+                outcomes.append(outcome)
+            i = end
         return outcomes
+
+    def _run_one(self, op: Request, isolate: bool) -> Outcome | None:
+        """Run ``op``: its outcome; None if it failed after writing and not ``isolate``d."""
+        conn = self._conn
+        op.changes = 0
+        if isolate:
+            conn.execute("SAVEPOINT op")
+        changes = conn.total_changes
+        try:
+            value = op.run(conn)
+        except Exception as e:  # (an interrupt ends the batch: _run_batch)
+            if isolate:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+            elif conn.total_changes != changes:
+                return None
+            return False, store_error(e)
+        if isolate:
+            conn.execute("RELEASE op")
+        return True, value
+
+    def _run_group(
+        self, run_group: Callable[..., Op[list[Any]]], group: Sequence[Request]
+    ) -> list[Outcome] | None:
+        """Run ``group`` as one operation; those it leaves (None) each on their own,
+        after it. None if it failed after writing."""
+        conn = self._conn
+        changes = conn.total_changes
+        try:
+            values, touched = run_op(conn, run_group([op.make for op in group]))
+        except Exception:
+            if conn.total_changes != changes:
+                return None
+            values, touched = [None] * len(group), 0  # nothing written: one by one
+        outcomes: list[Outcome | None] = [None] * len(group)
+        for k, (op, value) in enumerate(zip(group, values, strict=True)):
+            if value is not None:
+                op.changes = touched
+                outcomes[k] = (True, value)
+        for k, op in enumerate(group):
+            if outcomes[k] is None:
+                outcome = self._run_one(op, isolate=False)
+                if outcome is None:
+                    return None
+                outcomes[k] = outcome
+        return [outcome for outcome in outcomes if outcome is not None]
 
 
 def store_error(e: BaseException) -> BaseException:
