@@ -94,6 +94,8 @@ T = TypeVar("T")
 _FIRST_TASK_WAIT = 5.0
 """How long a query waits for a new run's first workflow task before answering anyway."""
 
+_WORKFLOW_TASK = int(Change.WORKFLOW_TASK)
+_ACTIVITY_TASK = int(Change.ACTIVITY_TASK)
 _IDLE_POLL = 1.0
 """Longest sleep of an idle loop; store notifications usually wake it much sooner."""
 _BUSY_RETRY = 0.05
@@ -161,8 +163,10 @@ class Engine:
         """When the next delayed task (a retry) becomes ready, as the timer loop last saw."""
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._kicks: dict[Change, asyncio.Future[None]] = {}  # by the loop's kind of work
-        self._backlog = Change.WORKFLOW_TASK | Change.ACTIVITY_TASK
+        # Change masks as plain ints: an IntFlag's operators cost a microsecond each, and
+        # these run for every task.
+        self._kicks: dict[int, asyncio.Future[None]] = {}  # by the loop's kind of work
+        self._backlog = int(Change.WORKFLOW_TASK | Change.ACTIVITY_TASK)
         """Kinds of task whose last claim took all it could: a freed slot claims again."""
         self.stats = collections.Counter[str]()
 
@@ -214,7 +218,7 @@ class Engine:
         return not self._stopping
 
     # -- waiting ----------------------------------------------------------------------
-    def _wake(self, kinds: Change = Change.ALL) -> None:
+    def _wake(self, kinds: int = Change.ALL) -> None:
         """Make the loops for ``kinds`` of work look again now (not only on store changes)."""
         for kind in [k for k in self._kicks if k & kinds]:
             kick = self._kicks.pop(kind)
@@ -224,7 +228,7 @@ class Engine:
     def _kick_for(self, kind: Change) -> asyncio.Future[None]:
         kick = self._kicks.get(kind)
         if kick is None or kick.done():
-            kick = self._kicks[kind] = asyncio.get_running_loop().create_future()
+            kick = self._kicks[int(kind)] = asyncio.get_running_loop().create_future()
         return kick
 
     async def _wait(self, waiters: list[asyncio.Future[None]], deadline: float) -> None:
@@ -306,7 +310,7 @@ class Engine:
         async def step() -> float | None:
             free = self.max_workflow_tasks - len(self._workflow_tasks)
             if free <= 0:
-                self._backlog |= Change.WORKFLOW_TASK
+                self._backlog |= _WORKFLOW_TASK
                 return _IDLE_POLL
             now = self.clock.now()
             tasks = await self.store.claim_workflow_tasks(
@@ -315,7 +319,7 @@ class Engine:
             self.stats["workflow_claims"] += 1
             for task in tasks:
                 self._spawn_workflow_task(task)
-            return self._claimed(Change.WORKFLOW_TASK, len(tasks) == free)
+            return self._claimed(_WORKFLOW_TASK, len(tasks) == free)
 
         await self._guarded("workflow", step, Change.WORKFLOW_TASK)
 
@@ -346,7 +350,7 @@ class Engine:
         self._workflow_tasks[t] = task
         t.add_done_callback(self._workflow_task_done)
 
-    def _claimed(self, kind: Change, full: bool) -> float | None:
+    def _claimed(self, kind: int, full: bool) -> float | None:
         """After a claim of ``kind``: look again at once if it took all it could (more
         may be waiting), else wait for new work."""
         if full:
@@ -355,7 +359,7 @@ class Engine:
         self._backlog &= ~kind
         return _IDLE_POLL
 
-    def _slot_freed(self, kind: Change) -> None:
+    def _slot_freed(self, kind: int) -> None:
         # Only worth a claim if the last one left work behind: new work wakes the loop
         # by itself (store changes), and a claim that finds nothing costs a transaction.
         if not self._stopping and self._backlog & kind:
@@ -363,7 +367,7 @@ class Engine:
 
     def _workflow_task_done(self, t: asyncio.Task[None]) -> None:
         self._workflow_tasks.pop(t, None)
-        self._slot_freed(Change.WORKFLOW_TASK)
+        self._slot_freed(_WORKFLOW_TASK)
 
     async def _run_workflow_task(
         self, task: WorkflowTask, prefetched: tuple[int, list[Event]] | None = None
@@ -422,7 +426,7 @@ class Engine:
         for activity in result.eager_activities:
             self._start_activity(activity)
         if result.more_work:
-            self._wake(Change.WORKFLOW_TASK)
+            self._wake(_WORKFLOW_TASK)
 
     def _new_instance(
         self, task: WorkflowTask | QueryTask, start_time: float, started: dict[str, Any]
@@ -635,7 +639,7 @@ class Engine:
         async def step() -> float | None:
             free = self._free_activity_slots()
             if free <= 0:
-                self._backlog |= Change.ACTIVITY_TASK
+                self._backlog |= _ACTIVITY_TASK
                 return _IDLE_POLL
             now = self.clock.now()
             # Hold the slots while the claim is in flight, or eager dispatch from a
@@ -649,7 +653,7 @@ class Engine:
                 self._activity_slots_reserved -= free
             for task in tasks:
                 self._start_activity(task)
-            return self._claimed(Change.ACTIVITY_TASK, len(tasks) == free)
+            return self._claimed(_ACTIVITY_TASK, len(tasks) == free)
 
         await self._guarded("activity", step, Change.ACTIVITY_TASK)
 
@@ -660,7 +664,7 @@ class Engine:
 
     def _activity_done(self, t: asyncio.Task[None]) -> None:
         self._activity_tasks.pop(t, None)
-        self._slot_freed(Change.ACTIVITY_TASK)
+        self._slot_freed(_ACTIVITY_TASK)
 
     async def _run_activity(self, task: ActivityTask) -> None:
         opts = task.options

@@ -331,9 +331,9 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             for event in inbound:
                 if event.type not in _MESSAGE_EVENTS:
                     self._deliver(event)
+            self._run_ready()
         finally:
             asyncio.events._set_running_loop(previous)
-        self._run_until_idle()
         self._check_main()
 
     def _deliver(self, event: Event) -> None:
@@ -454,19 +454,15 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self.closed = True
         self._commands.append((event_type, data))
 
-    def _run_until_idle(self) -> None:
-        previous = asyncio.events._get_running_loop()
-        asyncio.events._set_running_loop(self)
-        try:
-            while True:
-                while self._ready:
-                    handle = self._ready.popleft()
-                    if not handle._cancelled:
-                        handle._run()
-                if not self._check_conditions():
-                    break
-        finally:
-            asyncio.events._set_running_loop(previous)
+    def _run_ready(self) -> None:
+        """Run ready callbacks until none is left (this instance is the running loop)."""
+        while True:
+            while self._ready:
+                handle = self._ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
+            if not self._check_conditions():
+                break
 
     def _check_conditions(self) -> bool:
         """Resolve ``wait_condition`` waiters whose condition holds; True if any did."""
@@ -646,11 +642,12 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def evict(self) -> None:
         """Drop the workflow's coroutines without letting them emit anything."""
         self._evicted = True
-        previous = asyncio.events._get_running_loop()
-        asyncio.events._set_running_loop(self)
-        try:
-            for task in list(self._tasks):
-                if not task.done():
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:  # (none once the workflow has closed)
+            previous = asyncio.events._get_running_loop()
+            asyncio.events._set_running_loop(self)
+            try:
+                for task in pending:
                     try:
                         task.get_coro().close()  # type: ignore[union-attr]
                     except BaseException:
@@ -660,8 +657,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                     waiter = getattr(task, "_fut_waiter", None)
                     if waiter is not None:
                         waiter.cancel()
-        finally:
-            asyncio.events._set_running_loop(previous)
+            finally:
+                asyncio.events._set_running_loop(previous)
         # Tasks, futures and timer handles point back at this loop: let go of them, so
         # that the instance is freed at once rather than left to the cyclic garbage
         # collector (whose passes grow with every object alive in the worker).
