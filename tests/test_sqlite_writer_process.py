@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import signal
@@ -192,3 +193,22 @@ async def test_a_store_whose_writer_process_died_closes_cleanly(tmp_path: Path) 
     assert store.process_writer.pid is None
     with pytest.raises(StoreError, match="closed"):
         await store.register_worker("q", "w", {}, [], 2.0)
+
+
+def test_the_writer_child_loads_the_store_alone_not_the_public_api() -> None:
+    """The child's program imports only what the writer needs (the store's modules):
+    the package's public API (client, worker, pydantic models) would add a third to
+    the start-up that a restarted worker waits for."""
+    from tether._store import sqlite_writer_process
+
+    program = sqlite_writer_process._CHILD_MAIN.replace(
+        "import main; main()",
+        "import main; from tether._store.sqlite import SqliteStore; "
+        "print(sorted(m for m in sys.modules if m.startswith('tether')))",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = ast.literal_eval(out)  # a printed list of module names
+    assert "tether._store.sqlite_batches" in loaded
+    assert not {"tether.client", "tether.worker", "tether._runtime"} & set(loaded), loaded

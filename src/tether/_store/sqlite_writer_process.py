@@ -491,9 +491,19 @@ def _picklable_outcomes(outcomes: list[Outcome]) -> list[Outcome]:
     return sendable
 
 
-_CHILD_MAIN = f"from {__name__} import main; main()"
+_CHILD_MAIN = (
+    "import sys, types; "
+    "package = types.ModuleType('tether'); "
+    f"package.__path__ = [{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}]; "
+    "sys.modules['tether'] = package; "
+    f"from {__name__} import main; main()"
+)
 """The child's program (not ``-m``, which would load this module twice: as
-``__main__`` and, for the operations that name it, under its own name)."""
+``__main__`` and, for the operations that name it, under its own name). The
+``tether`` package stands in for itself without running its ``__init__``: that loads
+the public API (client, worker, pydantic models), which the child never uses, and
+was a third of its start-up (0.17 -> 0.12 s here), which a restarted worker waits
+for before its first claim."""
 
 
 def main() -> None:
