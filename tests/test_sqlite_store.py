@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,9 @@ import pytest
 
 from tether._store import sqlite_batches
 from tether._store.base import WORKFLOW_COMPLETED, NewRun, RunClose, WorkflowTaskCompletion
-from tether._store.sql import ONE, Op, Stmt
+from tether._store.sql import ONE, WRITE, Op, Stmt
 from tether._store.sqlite import SqliteStore
+from tether.exceptions import StoreError
 
 _NORMAL, _FULL = 1, 2
 
@@ -76,8 +78,9 @@ async def test_writes_of_an_idle_loop_commit_on_it_in_one_batch(tmp_path: Path) 
         await store.close()
 
 
-async def test_writes_go_to_the_writer_thread_while_the_loop_has_other_work(
-    tmp_path: Path,
+@pytest.mark.parametrize("writes", [True, False], ids=["write", "read"])
+async def test_work_goes_to_the_store_threads_while_the_loop_has_other_work(
+    tmp_path: Path, writes: bool
 ) -> None:
     store = SqliteStore(os.path.join(tmp_path, "store.db"), poll_interval=_NO_POLL)
     stop = False
@@ -89,8 +92,9 @@ async def test_writes_go_to_the_writer_thread_while_the_loop_has_other_work(
     spinner = asyncio.create_task(busy())
     try:
         await asyncio.sleep(0)
-        assert await store._execute(_thread_id, writes=True) != threading.get_ident()
-        assert store.stats["thread_batches"] == 1
+        assert await store._execute(_thread_id, writes=writes) != threading.get_ident()
+        assert store.stats["thread_batches"] == int(writes)
+        assert store.stats["loop_reads"] == 0
     finally:
         stop = True
         await spinner
@@ -205,3 +209,105 @@ class _Counting:
     def __call__(self, makes: list[Any]) -> Any:
         self.calls.append(len(makes))
         return self.run_group(makes)
+
+
+async def test_reads_of_an_idle_loop_run_on_it(tmp_path: Path) -> None:
+    """Nothing else waiting: a read runs on the loop's own thread, with no hand-off to
+    the reader thread and back."""
+    store = SqliteStore(os.path.join(tmp_path, "store.db"), poll_interval=_NO_POLL)
+    try:
+        assert await store._execute(_thread_id, writes=False) == threading.get_ident()
+        assert store.stats["loop_reads"] == 1
+    finally:
+        await store.close()
+
+
+def _long_count() -> Op[tuple[int, int]]:
+    row = yield Stmt(
+        ONE,
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?) "
+        "SELECT count(*) FROM c",
+        (2_000_000,),
+    )
+    return threading.get_ident(), int(row[0])
+
+
+async def test_a_long_read_is_handed_from_the_loop_to_the_reader_thread(tmp_path: Path) -> None:
+    """A read that would hold an idle loop longer than its small budget is interrupted
+    there and run again, to the end, on the reader thread; the loop goes on meanwhile."""
+    store = SqliteStore(os.path.join(tmp_path, "store.db"), poll_interval=_NO_POLL)
+    try:
+        began = time.monotonic()
+        read = asyncio.create_task(store._execute(_long_count, writes=False))
+        await asyncio.sleep(0.01)
+        assert time.monotonic() - began < 0.1, "the event loop was blocked"
+        thread, count = await read
+        assert count == 2_000_000
+        assert thread != threading.get_ident()
+        assert store.stats["loop_reads"] == 0
+    finally:
+        await store.close()
+
+
+async def test_a_malformed_completion_fails_alone_not_its_batch(tmp_path: Path) -> None:
+    """Completions batched together: one that cannot even be looked at (no events
+    list) fails by itself; the good one beside it commits."""
+    store = SqliteStore(os.path.join(tmp_path, "store.db"), poll_interval=_NO_POLL)
+    try:
+        for i in (1, 2):
+            await store.start_run(
+                NewRun("default", f"w{i}", f"r{i}", "F", "q", [], f"q{i}", 1, 1.0)
+            )
+        bad_task, good_task = await store.claim_workflow_tasks("q", "w", 10, 100.0, 1.0)
+        close = RunClose(status="completed", result=1)
+        bad = WorkflowTaskCompletion(task=bad_task, events=None, inputs_through=1, close=close)  # type: ignore[arg-type]
+        good = WorkflowTaskCompletion(
+            task=good_task, events=[(WORKFLOW_COMPLETED, {})], inputs_through=1, close=close
+        )
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                store.complete_workflow_task(bad, "w", 2.0),
+                store.complete_workflow_task(good, "w", 2.0),
+                return_exceptions=True,
+            ),
+            5,
+        )
+        assert isinstance(results[0], TypeError)
+        assert not isinstance(results[1], BaseException)
+        assert (await store.get_run("default", "w2", None)).status == "completed"
+        assert (await store.get_run("default", "w1", None)).status == "running"
+    finally:
+        await store.close()
+
+
+def _insert(key: str) -> Op[None]:
+    yield Stmt(WRITE, "INSERT INTO workers VALUES ('q', ?, '{}', '[]', 1.0)", (key,))
+
+
+def _rolled_back_by_sqlite() -> Op[None]:
+    # As SQLite does by itself on some errors (a full disk, an I/O error).
+    yield Stmt(WRITE, "ROLLBACK", ())
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_transaction_sqlite_rolled_back_fails_the_batch_and_commits_nothing(
+    tmp_path: Path,
+) -> None:
+    """When SQLite ends the batch's transaction by itself, no operation after it may
+    commit on its own (autocommit) while the batch is reported failed: all fail, and
+    nothing of the batch is in the database, so retrying them applies each once."""
+    path = os.path.join(tmp_path, "store.db")
+    conn = sqlite_batches.connect(path)
+    try:
+        writer = sqlite_batches.BatchWriter(conn)
+        batch = [
+            sqlite_batches.Request(partial(_insert, "before"), writes=True),
+            sqlite_batches.Request(_rolled_back_by_sqlite, writes=True),
+            sqlite_batches.Request(partial(_insert, "after"), writes=True),
+        ]
+        outcomes, _, _ = writer.run(batch)
+        assert [ok for ok, _ in outcomes] == [False, False, False]
+        assert all(isinstance(e, StoreError) and e.retryable for _, e in outcomes)
+        assert conn.execute("SELECT identity FROM workers").fetchall() == []
+    finally:
+        conn.close()

@@ -22,6 +22,7 @@ import asyncio
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -38,6 +39,12 @@ T = TypeVar("T")
 # in migrations/postgres/): add a new numbered file to both to change it.
 
 _MAX_BATCH = 512
+
+_READ_ON_LOOP_BUDGET = 0.002
+"""Seconds an idle event loop may spend running a read itself; a longer read is
+interrupted there and left to the reader thread (a read is safe to run again)."""
+_BUDGET_CHECK_STEPS = 1000
+"""SQLite virtual-machine steps between two looks at that budget."""
 
 WriterKind = Literal["thread", "process"]
 
@@ -129,19 +136,26 @@ class SqliteStore(SqlStore):
         """Writes queued during this pass of ``_home_loop``, for ``_flush_on_loop``."""
         self._home_loop: asyncio.AbstractEventLoop | None = None
         self._home_lock = threading.Lock()
-        self.stats = {"loop_batches": 0, "thread_batches": 0}
-        """Write batches committed on the event loop's thread and on the writer thread."""
+        self._reader: sqlite3.Connection | None = None
+        """The reader thread's connection while it runs; used under ``_reader_lock``."""
+        self._reader_lock = threading.Lock()
+        """Held by whoever uses the reader's connection: its thread, or an idle event
+        loop reading inline (``_read_on_loop``)."""
+        self.stats = {"loop_batches": 0, "thread_batches": 0, "loop_reads": 0}
+        """Write batches committed on the event loop's thread and on the writer thread;
+        reads run on the event loop's thread."""
         self._threads: list[threading.Thread] = []
         self.process_writer: ProcessWriter | None = None
         """The writer process's parent side, with ``writer="process"``."""
         self._process_wakeup: CommitWakeup | None = None
         if writer == "process":
-            self._open_thread(self._run_reader, "reader")  # creates and migrates the file
+            # (The reader's connection creates and migrates the file.)
+            self._open_thread(self._run_reader, "reader", self._prepare_reader)
             self._open_process_writer()
             return
         self._open_thread(self._run_writer, "writer", self._prepare_writer)
         if not in_memory:
-            self._open_thread(self._run_reader, "reader")
+            self._open_thread(self._run_reader, "reader", self._prepare_reader)
 
     def __reduce__(self) -> tuple[Callable[[], SqlStore], tuple[()]]:
         # Operations sent to the writer process (``partial``s of this store's methods)
@@ -204,21 +218,65 @@ class SqliteStore(SqlStore):
             batch.append(op)
         return batch, False
 
+    def _prepare_reader(self, conn: sqlite3.Connection) -> None:
+        self._reader = conn
+
     def _run_reader(self, conn: sqlite3.Connection) -> None:
-        while True:
-            first = self._reads.get()
-            if first is None:
-                return
-            batch, stop = self._drain(self._reads, first)
-            outcomes: list[Outcome] = []
-            for op in batch:
-                try:
-                    outcomes.append((True, op.run(conn)))
-                except BaseException as e:
-                    outcomes.append((False, store_error(e)))
-            _deliver(batch, outcomes)
-            if stop:
-                return
+        try:
+            while True:
+                first = self._reads.get()
+                if first is None:
+                    return
+                batch, stop = self._drain(self._reads, first)
+                outcomes: list[Outcome] = []
+                with self._reader_lock:
+                    for op in batch:
+                        try:
+                            outcomes.append((True, op.run(conn)))
+                        except BaseException as e:
+                            outcomes.append((False, store_error(e)))
+                _deliver(batch, outcomes)
+                if stop:
+                    return
+        finally:
+            with self._reader_lock:
+                self._reader = None  # its connection closes next
+
+    def _read_on_loop(self, op: _Op, loop: asyncio.AbstractEventLoop) -> bool:
+        """Run the read ``op`` right here if nothing else waits (no other callback ready
+        on the loop, the reader thread idle with nothing queued), within
+        ``_READ_ON_LOOP_BUDGET``: that saves the two thread hand-offs of a read (a
+        client's look at a run that just closed, a worker's history read) where nothing
+        would run meanwhile. True if it ran (``op.fut`` is done); False if the thread
+        must run it (busy, or the read took too long and was interrupted)."""
+        ready = getattr(loop, "_ready", None)  # CPython's loops; others always hand over
+        if ready is None or ready or not self._reads.empty():
+            return False
+        if not self._reader_lock.acquire(blocking=False):
+            return False
+        try:
+            conn = self._reader
+            if conn is None:
+                return False
+            deadline = time.perf_counter() + _READ_ON_LOOP_BUDGET
+            conn.set_progress_handler(lambda: time.perf_counter() > deadline, _BUDGET_CHECK_STEPS)
+            try:
+                value = op.run(conn)
+            except sqlite3.Error as e:
+                if e.sqlite_errorcode == sqlite3.SQLITE_INTERRUPT:
+                    return False
+                op.fut.set_exception(store_error(e))
+                return True
+            except Exception as e:
+                op.fut.set_exception(e)
+                return True
+            finally:
+                conn.set_progress_handler(None, 0)
+        finally:
+            self._reader_lock.release()
+        self.stats["loop_reads"] += 1
+        op.fut.set_result(value)
+        return True
 
     def _prepare_writer(self, conn: sqlite3.Connection) -> None:
         # Before the store is returned: its first write may already commit on the loop.
@@ -342,7 +400,8 @@ class SqliteStore(SqlStore):
         fut: asyncio.Future[T] = loop.create_future()
         op = _Op(make, loop, fut, writes, durable)
         if not writes:
-            self._reads.put(op)
+            if not self._read_on_loop(op, loop):
+                self._reads.put(op)
         elif self.process_writer is not None:
             self.process_writer.submit(op, loop)
         else:

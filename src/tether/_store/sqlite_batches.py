@@ -158,7 +158,7 @@ class BatchWriter:
             for op, (ok, _) in zip(batch, outcomes, strict=True):
                 if ok:
                     changes |= op.changes
-        except sqlite3.Error as e:
+        except Exception as e:  # SQLite's, or what an operation raised as it ended it
             self._roll_back()
             error = StoreError(f"SQLite transaction failed: {e}", retryable=True)
             outcomes = [(False, error) for _ in batch]
@@ -202,10 +202,10 @@ class BatchWriter:
         outcomes: list[Outcome] = []
         i = 0
         while i < len(batch):
-            run_group = None if isolate else together(batch[i].make)
+            run_group = None if isolate else _together(batch[i])
             end = i + 1
             while run_group is not None and end < len(batch):
-                if together(batch[end].make) != run_group:
+                if _together(batch[end]) != run_group:
                     break
                 end += 1
             if end - i > 1:
@@ -232,6 +232,11 @@ class BatchWriter:
         try:
             value = op.run(conn)
         except Exception as e:  # (an interrupt ends the batch: _run_batch)
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back by itself (a full disk, an
+                # I/O error): the batch's earlier writes are gone, and what follows
+                # must not commit on its own. Every operation fails, none committed.
+                raise
             if isolate:
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
@@ -252,6 +257,8 @@ class BatchWriter:
         try:
             values, touched = run_op(conn, run_group([op.make for op in group]))
         except Exception:
+            if not conn.in_transaction:
+                raise  # rolled back by SQLite itself: as in _run_one
             if conn.total_changes != changes:
                 return None
             values, touched = [None] * len(group), 0  # nothing written: one by one
@@ -267,6 +274,15 @@ class BatchWriter:
                     return None
                 outcomes[k] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _together(op: Request) -> Callable[..., Op[list[Any]]] | None:
+    """``together`` for ``op``; None if it cannot tell (malformed input fails in the
+    operation itself, alone, not in the batch around it)."""
+    try:
+        return together(op.make)
+    except Exception:
+        return None
 
 
 def store_error(e: BaseException) -> BaseException:
