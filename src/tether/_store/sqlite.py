@@ -94,6 +94,13 @@ def _deliver(batch: Sequence[Request], outcomes: list[Outcome]) -> None:
             pass  # the caller's loop has closed; nobody is waiting
 
 
+def _loop_idle(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` has no other callback ready to run. CPython's loops keep them in
+    ``_ready``; another loop counts as busy (work is handed to the store's threads)."""
+    ready = getattr(loop, "_ready", None)
+    return ready is not None and not ready
+
+
 class SqliteStore(SqlStore):
     """A store in one SQLite file, shared safely by any number of local processes.
 
@@ -249,8 +256,7 @@ class SqliteStore(SqlStore):
         client's look at a run that just closed, a worker's history read) where nothing
         would run meanwhile. True if it ran (``op.fut`` is done); False if the thread
         must run it (busy, or the read took too long and was interrupted)."""
-        ready = getattr(loop, "_ready", None)  # CPython's loops; others always hand over
-        if ready is None or ready or not self._reads.empty():
+        if not (_loop_idle(loop) and self._reads.empty()):
             return False
         if not self._reader_lock.acquire(blocking=False):
             return False
@@ -262,13 +268,10 @@ class SqliteStore(SqlStore):
             conn.set_progress_handler(lambda: time.perf_counter() > deadline, _BUDGET_CHECK_STEPS)
             try:
                 value = op.run(conn)
-            except sqlite3.Error as e:
-                if e.sqlite_errorcode == sqlite3.SQLITE_INTERRUPT:
-                    return False
-                op.fut.set_exception(store_error(e))
-                return True
             except Exception as e:
-                op.fut.set_exception(e)
+                if isinstance(e, sqlite3.Error) and e.sqlite_errorcode == sqlite3.SQLITE_INTERRUPT:
+                    return False  # over budget
+                op.fut.set_exception(store_error(e))
                 return True
             finally:
                 conn.set_progress_handler(None, 0)
@@ -337,10 +340,8 @@ class SqliteStore(SqlStore):
             error = StoreError("the store is closed", retryable=False)
             _deliver(batch, [(False, error)] * len(batch))
             return
-        # CPython's loops keep their ready callbacks in ``_ready``; others hand over always.
-        ready = getattr(asyncio.get_running_loop(), "_ready", None)
-        idle = ready is not None and not ready and self._writes.empty() and not self._closed
-        if idle and self._writer_lock.acquire(blocking=False):
+        idle = _loop_idle(asyncio.get_running_loop()) and self._writes.empty()
+        if idle and not self._closed and self._writer_lock.acquire(blocking=False):
             try:
                 if self._writer is not None:
                     writer, wakeup = self._writer

@@ -200,13 +200,11 @@ class BatchWriter:
         can run as one operation (``together``) do so, except when isolated.
         """
         outcomes: list[Outcome] = []
+        groups = [None] * len(batch) if isolate else [_together(op) for op in batch]
         i = 0
         while i < len(batch):
-            run_group = None if isolate else _together(batch[i])
-            end = i + 1
-            while run_group is not None and end < len(batch):
-                if _together(batch[end]) != run_group:
-                    break
+            run_group, end = groups[i], i + 1
+            while run_group is not None and end < len(batch) and groups[end] == run_group:
                 end += 1
             if end - i > 1:
                 assert run_group is not None
@@ -262,18 +260,17 @@ class BatchWriter:
             if conn.total_changes != changes:
                 return None
             values, touched = [None] * len(group), 0  # nothing written: one by one
-        outcomes: list[Outcome | None] = [None] * len(group)
-        for k, (op, value) in enumerate(zip(group, values, strict=True)):
+        outcomes: list[Outcome] = []
+        for op, value in zip(group, values, strict=True):
             if value is not None:
                 op.changes = touched
-                outcomes[k] = (True, value)
-        for k, op in enumerate(group):
-            if outcomes[k] is None:
-                outcome = self._run_one(op, isolate=False)
-                if outcome is None:
-                    return None
-                outcomes[k] = outcome
-        return [outcome for outcome in outcomes if outcome is not None]
+                outcomes.append((True, value))
+                continue
+            outcome = self._run_one(op, isolate=False)
+            if outcome is None:
+                return None
+            outcomes.append(outcome)
+        return outcomes
 
 
 def _together(op: Request) -> Callable[..., Op[list[Any]]] | None:

@@ -347,7 +347,7 @@ def _spawn(path: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Start a child on ``path``; return it and our end of its socket, once it is ready."""
     ours, theirs = socket.socketpair()
     # The child imports this package from where the parent did.
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    package_root = os.path.dirname(_PACKAGE_DIR)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     try:
@@ -491,10 +491,12 @@ def _picklable_outcomes(outcomes: list[Outcome]) -> list[Outcome]:
     return sendable
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The ``tether`` package's directory (the child imports it from there)."""
 _CHILD_MAIN = (
     "import sys, types; "
     "package = types.ModuleType('tether'); "
-    f"package.__path__ = [{os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}]; "
+    f"package.__path__ = [{_PACKAGE_DIR!r}]; "
     "sys.modules['tether'] = package; "
     f"from {__name__} import main; main()"
 )
