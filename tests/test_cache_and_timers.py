@@ -189,3 +189,38 @@ async def test_an_idle_worker_does_not_claim_after_each_task(env: WorkflowEnviro
     # not one per task (45 tasks), nor one per timer that fires (20 timers), and one to
     # spare.
     assert empty_claims <= 2 + (time.monotonic() - began), empty_claims
+
+
+_FAIL_ONCE: set[str] = set()
+"""Workflow ids whose first workflow task still has to fail (``FailsFirstTask``)."""
+
+
+@workflow.defn
+class FailsFirstTask:
+    @workflow.run
+    async def run(self, x: int) -> int:
+        wf = workflow.info().workflow_id
+        if wf in _FAIL_ONCE:
+            _FAIL_ONCE.discard(wf)
+            raise NotImplementedError("a bug, fixed by the retry")  # fails the task, not the run
+        return x * 2
+
+
+async def test_tasks_claimed_together_fail_and_commit_each_on_its_own(
+    env: WorkflowEnvironment,
+) -> None:
+    """Workflow tasks claimed in one batch (their histories read with the claim) run
+    in one asyncio task and complete together; one that fails is retried alone, and
+    the others commit at once, untouched by it."""
+    handles = [
+        await env.client.start_workflow(FailsFirstTask, i, id=f"b{i}", task_queue="test")
+        for i in range(8)
+    ]
+    _FAIL_ONCE.add("b3")
+    async with Worker(env.client, task_queue="test", workflows=[FailsFirstTask]) as worker:
+        results = await asyncio.gather(*(h.result(timeout=20) for h in handles))
+        stats = worker.stats
+    assert results == [i * 2 for i in range(8)]
+    assert stats["workflow_claims"] >= 2  # the failed task came back on a later claim
+    assert stats["workflow_task_failures"] == 1
+    assert stats["workflow_tasks"] == 8

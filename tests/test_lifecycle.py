@@ -677,9 +677,10 @@ async def test_messages_arriving_during_the_continue_as_new_task_move_to_the_nex
     store = client.store
     latest = client.get_workflow_handle("carry", workflow=Carrier)
     original = store.complete_workflow_task
+    original_many = store.complete_workflow_tasks
     update: list[asyncio.Task[Any]] = []
 
-    async def complete(completion: Any, owner: str, now: float) -> Any:
+    async def before_commit(completion: Any) -> None:
         if not update and any(t == "WorkflowContinuedAsNew" for t, _ in completion.events):
             await latest.signal(Carrier.note, "late signal")
             update.append(
@@ -689,9 +690,20 @@ async def test_messages_arriving_during_the_continue_as_new_task_move_to_the_nex
             await wait_until(
                 lambda: _has_update_request(store, run_id), "the update request to be stored"
             )
+
+    async def complete(completion: Any, owner: str, now: float) -> Any:
+        await before_commit(completion)
         return await original(completion, owner, now)
 
+    async def complete_many(completions: Any, owner: str) -> Any:
+        completions = list(completions)
+        for completion, _ in completions:
+            await before_commit(completion)
+        return await original_many(completions, owner)
+
+    # Tasks claimed with their history complete together, the others one by one.
     monkeypatch.setattr(store, "complete_workflow_task", complete)
+    monkeypatch.setattr(store, "complete_workflow_tasks", complete_many)
     async with make_worker(client, workflows=[Carrier]):
         first = await client.start_workflow(Carrier, [], 0, id="carry", task_queue="test")
         await wait_until(lambda: update, "the workflow task that continues as new")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -554,10 +555,13 @@ async def test_a_run_closed_by_an_activity_result_drops_its_timer(store: Store) 
     assert await store.fire_due_timers(NOW + 5, 10) == 0
 
 
-async def test_many_closing_tasks_commit_together_each_as_if_alone(store: Store) -> None:
+@pytest.mark.parametrize("api", ["complete_workflow_task", "complete_workflow_tasks"])
+async def test_many_closing_tasks_commit_together_each_as_if_alone(store: Store, api: str) -> None:
     """Closing completions committed in one transaction (SQLite runs them as one
     set-based operation) each do exactly what they would alone: a lost lease fails
-    only its own; a run's leftover timer goes; a child's close reaches its parent."""
+    only its own; a run's leftover timer goes; a child's close reaches its parent.
+    Sent one call each, or all in one ``complete_workflow_tasks`` (from a generator,
+    as the worker does), each gets its own outcome in its own place."""
     plain = [f"run-{i}" for i in range(10)]
     for i, run_id in enumerate(plain):
         await store.start_run(new_run(f"wf{i}", run_id, f"r{i}"))
@@ -586,10 +590,15 @@ async def test_many_closing_tasks_commit_together_each_as_if_alone(store: Store)
     tasks.pop("run-parent")  # stays open, to hear from its child
 
     order = [*plain[:5], "run-stale", "run-timer", "run-child", *plain[5:]]
-    results = await asyncio.gather(
-        *(store.complete_workflow_task(complete(tasks[r]), "w1", NOW) for r in order),
-        return_exceptions=True,
-    )
+    if api == "complete_workflow_task":
+        results: list[Any] = await asyncio.gather(
+            *(store.complete_workflow_task(complete(tasks[r]), "w1", NOW) for r in order),
+            return_exceptions=True,
+        )
+    else:
+        results = await store.complete_workflow_tasks(
+            ((complete(tasks[r]), NOW) for r in order), "w1"
+        )
     outcome = dict(zip(order, results, strict=True))
     assert isinstance(outcome.pop("run-stale"), StaleTaskError)
     for run_id, result in outcome.items():

@@ -443,14 +443,22 @@ class PostgresStore(SqlStore):
         if self.faults is not None:
             self.faults.before(writes)
         if writes:
-            fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-            self._queue_for(durable).put_nowait(_Write(make, fut, durable))
-            value = await fut
+            value = await self._submit(make, durable)
         else:
             value = await self._read(make)
         if self.faults is not None:
             self.faults.after(writes)
         return value
+
+    def _submit(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue_for(durable).put_nowait(_Write(make, fut, durable))
+        return fut
+
+    def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
+        if self._closed:
+            raise StoreError("the store is closed", retryable=False)
+        return self._submit(make, durable=True)
 
     async def _read(self, make: Callable[[], Op[T]]) -> T:
         assert self._pool is not None

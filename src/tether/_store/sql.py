@@ -10,10 +10,11 @@ few places where SQL differs. SQL uses ``?`` placeholders; backends translate.
 from __future__ import annotations
 
 import abc
+import asyncio
 import itertools
 import json
 import secrets
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -53,7 +54,11 @@ from tether._store.base import (
 )
 from tether._store.changes import Change
 from tether._store.faults import FaultInjector
-from tether.exceptions import StaleTaskError, WorkflowAlreadyStartedError, WorkflowNotFoundError
+from tether.exceptions import (
+    StaleTaskError,
+    WorkflowAlreadyStartedError,
+    WorkflowNotFoundError,
+)
 
 T = TypeVar("T")
 
@@ -347,6 +352,40 @@ class SqlStore(Store):
         """Run the operation ``make()`` creates, in a transaction (writes) or on a snapshot
         (reads), and return its value. A backend may call ``make`` again to re-run the
         operation after rolling back a batch."""
+
+    @abc.abstractmethod
+    def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
+        """Queue the durable write ``make()`` creates (on the running event loop, without
+        fault injection); the future gets its value once committed. Raises
+        ``StoreError`` if the store is closed."""
+
+    async def _execute_each(self, makes: Iterable[Callable[[], Op[T]]]) -> list[T | Exception]:
+        """``_execute`` independent durable writes together: each queued as ``makes``
+        yields it, all before any is awaited (so they share group commits), and awaited
+        in one coroutine, not a task each. Each outcome is the write's value or the
+        exception it raised."""
+        faults = self.faults
+        submitted: list[asyncio.Future[T] | Exception] = []
+        for make in makes:
+            try:
+                if faults is not None:
+                    faults.before(True)
+                submitted.append(self._submit_write(make))
+            except Exception as e:
+                submitted.append(e)
+        outcomes: list[T | Exception] = []
+        for fut in submitted:
+            if isinstance(fut, Exception):
+                outcomes.append(fut)
+                continue
+            try:
+                value = await fut
+                if faults is not None:
+                    faults.after(True)
+                outcomes.append(value)
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
 
     async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
         """``_execute`` a write that only takes or extends leases. Losing it in a crash
@@ -785,6 +824,13 @@ class SqlStore(Store):
     ) -> WorkflowTaskResult:
         return await self._execute(
             partial(self._complete_workflow_task, completion, owner, now), writes=True
+        )
+
+    async def complete_workflow_tasks(
+        self, completions: Iterable[tuple[WorkflowTaskCompletion, float]], owner: str
+    ) -> list[WorkflowTaskResult | Exception]:
+        return await self._execute_each(
+            partial(self._complete_workflow_task, c, owner, now) for c, now in completions
         )
 
     def _complete_workflow_task(

@@ -397,6 +397,15 @@ class SqliteStore(SqlStore):
             raise StoreError("the store is closed", retryable=False)
         if self.faults is not None:
             self.faults.before(writes)
+        value = await self._submit(make, writes, durable)
+        if self.faults is not None:
+            self.faults.after(writes)
+        return value
+
+    async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
+        return await self._execute(make, writes=True, durable=False)
+
+    def _submit(self, make: Callable[[], Op[T]], writes: bool, durable: bool) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         op = _Op(make, loop, fut, writes, durable)
@@ -407,13 +416,12 @@ class SqliteStore(SqlStore):
             self.process_writer.submit(op, loop)
         else:
             self._queue_write(op, loop)
-        value = await fut
-        if self.faults is not None:
-            self.faults.after(writes)
-        return value
+        return fut
 
-    async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
-        return await self._execute(make, writes=True, durable=False)
+    def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
+        if self._closed:
+            raise StoreError("the store is closed", retryable=False)
+        return self._submit(make, writes=True, durable=True)
 
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         return self._waiters.add(changes)

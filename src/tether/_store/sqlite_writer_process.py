@@ -410,6 +410,9 @@ class _WriterSideStore(SqlStore):
     async def _execute(self, make: Any, writes: bool) -> Any:  # pragma: no cover
         raise RuntimeError("the writer process runs operations, not store calls")
 
+    def _submit_write(self, make: Any) -> Any:  # pragma: no cover
+        raise RuntimeError("the writer process runs operations, not store calls")
+
     async def close(self) -> None:  # pragma: no cover
         pass
 
