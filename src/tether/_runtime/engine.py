@@ -147,6 +147,7 @@ class Engine:
         self.identity = identity
         self.max_activities = max_concurrent_activities
         self.max_workflow_tasks = max_concurrent_workflow_tasks
+        self._claim_limit = max(1, max_concurrent_workflow_tasks // 2)
         self.max_cached = max_cached_workflows
         self.lease_duration = lease_duration
         self.graceful_shutdown_timeout = graceful_shutdown_timeout
@@ -320,7 +321,9 @@ class Engine:
     # -- workflow tasks ------------------------------------------------------------------
     async def _workflow_loop(self) -> None:
         async def step() -> float | None:
-            free = self.max_workflow_tasks - len(self._workflow_tasks)
+            # At most half the slots per claim: the next claim is then in flight while
+            # this one's tasks run, instead of after they all committed.
+            free = min(self.max_workflow_tasks - len(self._workflow_tasks), self._claim_limit)
             if free <= 0:
                 self._backlog |= _WORKFLOW_TASK
                 return _IDLE_POLL
