@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,22 @@ def load() -> str:
     """``uptime``'s load averages (1, 5, 15 min)."""
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def cpu_probe_ms() -> float:
+    """Milliseconds a fixed pure-Python loop takes here now (best of three; lower is
+    faster). This VM's speed moves by 2x and more within an hour (other tenants), so
+    every run records it, to tell a slower machine from slower code."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sum(range(_PROBE_LOOP))
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 1)
+
+
+_PROBE_LOOP = 3_000_000
+"""About 40 ms on this VM when it is fast."""
 
 
 def describe() -> dict[str, Any]:

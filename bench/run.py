@@ -39,6 +39,7 @@ class DriverRun:
     workloads: str
     rep: int
     load_before: str
+    cpu_probe_ms: float
     load_after: str = ""
     seconds: float = 0.0
     error: str | None = None
@@ -121,7 +122,7 @@ def run_driver(
 ) -> tuple[driver_io.Results, DriverRun]:
     """One driver process on a fresh store; its logs stay in ``WORK_DIR/runs/<tag>/``."""
     tag = f"{system.name}-{workloads}-{rep}"
-    info = DriverRun(system.name, workloads, rep, machine.load())
+    info = DriverRun(system.name, workloads, rep, machine.load(), machine.cpu_probe_ms())
     work_dir = WORK_DIR / "runs" / tag
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
@@ -194,10 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {"BENCH_PROFILE_A": str(ns.profile_a.resolve())} if ns.profile_a else {}
     if ns.profile_idle:
         env["BENCH_PROFILE_IDLE"] = "1"
-    started_at, t0, load_before = (
+    started_at, t0, load_before, probe_before = (
         time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         time.monotonic(),
         machine.load(),
+        machine.cpu_probe_ms(),
     )
     samples: list[Sample] = []
     runs: list[DriverRun] = []
@@ -228,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "size_labels": _size_labels(sizes),
         "load_before": load_before,
         "load_after": machine.load(),
+        "cpu_probe_ms_before": probe_before,
+        "cpu_probe_ms_after": machine.cpu_probe_ms(),
         "notes": notes,
         "driver_runs": [asdict(r) for r in runs],
     }

@@ -108,7 +108,9 @@ def render(doc: dict[str, Any]) -> str:
         "",
         f"`{run['command']}` on {machine['cores']} cores ({machine['cpu']}), "
         f"Python {machine['tether_env'].get('python', '?')}; load average (1/5/15 min) "
-        f"{run['load_before']} before, {run['load_after']} after.",
+        f"{run['load_before']} before, {run['load_after']} after; CPU probe (a fixed "
+        f"Python loop, lower is faster) {run.get('cpu_probe_ms_before', '?')} ms before, "
+        f"{run.get('cpu_probe_ms_after', '?')} ms after.",
         "Cells: median [min-max] over the repetitions.",
         *workload_tables(records_of(doc), run["size_labels"]),
         *ratio_table(ratios_of(doc)),
