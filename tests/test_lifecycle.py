@@ -699,7 +699,8 @@ async def test_messages_arriving_during_the_continue_as_new_task_move_to_the_nex
         completions = list(completions)
         for completion, _ in completions:
             await before_commit(completion)
-        return await original_many(completions, owner)
+        async for outcome in original_many(completions, owner):
+            yield outcome
 
     # Tasks claimed with their history complete together, the others one by one.
     monkeypatch.setattr(store, "complete_workflow_task", complete)

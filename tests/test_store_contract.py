@@ -596,9 +596,12 @@ async def test_many_closing_tasks_commit_together_each_as_if_alone(store: Store,
             return_exceptions=True,
         )
     else:
-        results = await store.complete_workflow_tasks(
-            ((complete(tasks[r]), NOW) for r in order), "w1"
-        )
+        results = [
+            outcome
+            async for outcome in store.complete_workflow_tasks(
+                ((complete(tasks[r]), NOW) for r in order), "w1"
+            )
+        ]
     outcome = dict(zip(order, results, strict=True))
     assert isinstance(outcome.pop("run-stale"), StaleTaskError)
     for run_id, result in outcome.items():

@@ -459,8 +459,12 @@ class Engine:
                 yield completion, now
 
         try:
-            outcomes = await self.store.complete_workflow_tasks(completions(), self.identity)
-            for (inst, completion, reserved, now), outcome in zip(activated, outcomes, strict=True):
+            # Each outcome as it comes: a task's slot and eager activities need not wait
+            # for the commits of the ones after it.
+            answered = 0
+            async for outcome in self.store.complete_workflow_tasks(completions(), self.identity):
+                inst, completion, reserved, now = activated[answered]
+                answered += 1
                 if isinstance(outcome, StoreError) and not isinstance(outcome, StaleTaskError):
                     outcome = await self._retry_completion(completion, now, outcome)
                 self._recorded(inst, completion, reserved, outcome)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -383,11 +383,12 @@ class Store(abc.ABC):
 
     async def complete_workflow_tasks(
         self, completions: Iterable[tuple[WorkflowTaskCompletion, float]], owner: str
-    ) -> list[WorkflowTaskResult | Exception]:
-        """``complete_workflow_task`` for each ``(completion, now)``, independently: each
-        outcome is its result or the exception it raised (``StaleTaskError``...).
-        ``completions`` may be a generator: a backend may queue each as it is produced,
-        so that it commits the first ones while the caller still produces the rest."""
+    ) -> AsyncIterator[WorkflowTaskResult | Exception]:
+        """``complete_workflow_task`` for each ``(completion, now)``, independently:
+        yields each outcome in order, its result or the exception it raised
+        (``StaleTaskError``...), as soon as it is known. ``completions`` may be a
+        generator: a backend may queue each as it is produced, so that it commits the
+        first ones while the caller still produces the rest."""
         outcomes = await asyncio.gather(
             *(self.complete_workflow_task(c, owner, now) for c, now in completions),
             return_exceptions=True,
@@ -395,7 +396,7 @@ class Store(abc.ABC):
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome
-        return outcomes  # type: ignore[return-value]
+            yield outcome
 
     @abc.abstractmethod
     async def fail_workflow_task(

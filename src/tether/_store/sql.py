@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import json
 import secrets
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -359,11 +359,13 @@ class SqlStore(Store):
         fault injection); the future gets its value once committed. Raises
         ``StoreError`` if the store is closed."""
 
-    async def _execute_each(self, makes: Iterable[Callable[[], Op[T]]]) -> list[T | Exception]:
+    async def _execute_each(
+        self, makes: Iterable[Callable[[], Op[T]]]
+    ) -> AsyncIterator[T | Exception]:
         """``_execute`` independent durable writes together: each queued as ``makes``
         yields it, all before any is awaited (so they share group commits), and awaited
-        in one coroutine, not a task each. Each outcome is the write's value or the
-        exception it raised."""
+        in one coroutine, not a task each. Yields each outcome in order as soon as it is
+        known: the write's value or the exception it raised."""
         faults = self.faults
         submitted: list[asyncio.Future[T] | Exception] = []
         for make in makes:
@@ -373,19 +375,18 @@ class SqlStore(Store):
                 submitted.append(self._submit_write(make))
             except Exception as e:
                 submitted.append(e)
-        outcomes: list[T | Exception] = []
         for fut in submitted:
             if isinstance(fut, Exception):
-                outcomes.append(fut)
+                yield fut
                 continue
             try:
                 value = await fut
                 if faults is not None:
                     faults.after(True)
-                outcomes.append(value)
             except Exception as e:
-                outcomes.append(e)
-        return outcomes
+                yield e
+                continue
+            yield value
 
     async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
         """``_execute`` a write that only takes or extends leases. Losing it in a crash
@@ -826,10 +827,10 @@ class SqlStore(Store):
             partial(self._complete_workflow_task, completion, owner, now), writes=True
         )
 
-    async def complete_workflow_tasks(
+    def complete_workflow_tasks(
         self, completions: Iterable[tuple[WorkflowTaskCompletion, float]], owner: str
-    ) -> list[WorkflowTaskResult | Exception]:
-        return await self._execute_each(
+    ) -> AsyncIterator[WorkflowTaskResult | Exception]:
+        return self._execute_each(
             partial(self._complete_workflow_task, c, owner, now) for c, now in completions
         )
 
