@@ -202,7 +202,8 @@ class FailsFirstTask:
         wf = workflow.info().workflow_id
         if wf in _FAIL_ONCE:
             _FAIL_ONCE.discard(wf)
-            raise NotImplementedError("a bug, fixed by the retry")  # fails the task, not the run
+            # A bug (a TypeError) fails the workflow task, which is retried; not the run.
+            raise TypeError("the first try hits a bug")
         return x * 2
 
 

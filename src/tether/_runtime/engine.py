@@ -309,9 +309,8 @@ class Engine:
                     raise
                 except StoreError as e:
                     failed = e
-            if isinstance(failed, StaleTaskError) or not failed.retryable:
-                raise failed
-            if time.monotonic() + delay > deadline:
+            stale = isinstance(failed, StaleTaskError)
+            if stale or not failed.retryable or time.monotonic() + delay > deadline:
                 raise failed
             logger.warning("store call failed (%s); retrying in %.2fs", failed, delay)
             await asyncio.sleep(delay)
@@ -436,7 +435,7 @@ class Engine:
     async def _run_workflow_batch(self, tasks: list[WorkflowTask]) -> None:
         """Run tasks whose inputs came with their claim, in one asyncio task: each
         completion is queued as soon as its activation ran (so the store starts on the
-        first ones while later ones run), and all are awaited here together."""
+        first ones while later ones run), and each outcome is handled as it comes."""
         activated: list[tuple[WorkflowInstance, WorkflowTaskCompletion, int, float]] = []
         failed: list[tuple[WorkflowTask, WorkflowTaskFailure]] = []
 

@@ -456,8 +456,6 @@ class PostgresStore(SqlStore):
         return fut
 
     def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
-        if self._closed:
-            raise StoreError("the store is closed", retryable=False)
         return self._submit(make, durable=True)
 
     async def _read(self, make: Callable[[], Op[T]]) -> T:

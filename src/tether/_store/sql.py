@@ -56,6 +56,7 @@ from tether._store.changes import Change
 from tether._store.faults import FaultInjector
 from tether.exceptions import (
     StaleTaskError,
+    StoreError,
     WorkflowAlreadyStartedError,
     WorkflowNotFoundError,
 )
@@ -346,6 +347,8 @@ class SqlStore(Store):
         self._token_counter = itertools.count()
         self.faults: FaultInjector | None = FaultInjector.from_env()
         """Fails a fraction of calls on purpose when set (testing; see ``faults.py``)."""
+        self._closed = False
+        """Set by the backend's ``close``: no operation starts after it."""
 
     @abc.abstractmethod
     async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
@@ -356,8 +359,8 @@ class SqlStore(Store):
     @abc.abstractmethod
     def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
         """Queue the durable write ``make()`` creates (on the running event loop, without
-        fault injection); the future gets its value once committed. Raises
-        ``StoreError`` if the store is closed."""
+        fault injection or a look at ``_closed``); the future gets its value once
+        committed."""
 
     async def _execute_each(
         self, makes: Iterable[Callable[[], Op[T]]]
@@ -370,6 +373,8 @@ class SqlStore(Store):
         submitted: list[asyncio.Future[T] | Exception] = []
         for make in makes:
             try:
+                if self._closed:
+                    raise StoreError("the store is closed", retryable=False)
                 if faults is not None:
                     faults.before(True)
                 submitted.append(self._submit_write(make))

@@ -419,8 +419,6 @@ class SqliteStore(SqlStore):
         return fut
 
     def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
-        if self._closed:
-            raise StoreError("the store is closed", retryable=False)
         return self._submit(make, writes=True, durable=True)
 
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
