@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 from typing import Any
 
 import pytest
@@ -627,3 +628,61 @@ async def test_many_closing_tasks_commit_together_each_as_if_alone(store: Store,
     # Only the parent (told of its child) and the stale run have a task left.
     left = await store.claim_workflow_tasks("q", "w2", 100, NOW + 2 * LEASE, NOW + LEASE + 1)
     assert sorted(t.run_id for t in left) == ["run-parent", "run-stale"]
+
+
+@pytest.mark.parametrize("api", ["complete_workflow_task", "complete_workflow_tasks"])
+async def test_only_completions_someone_is_told_of_wait_for_the_disk(
+    store: Store, api: str
+) -> None:
+    """A workflow task that closes its run or answers an update is committed durably;
+    one that only schedules work (an activity, a timer) may commit without waiting for
+    the disk (nobody is told of it; a later durable commit makes it durable too). Both
+    are recorded alike."""
+    for i in range(4):
+        await store.start_run(new_run(f"wf{i}", f"run-{i}", f"r{i}"))
+    await store.request_update("default", "wf3", None, UpdateRequest("u1", "add", [1]), NOW)
+    tasks = {t.run_id: t for t in await store.claim_workflow_tasks("q", "w1", 10, NOW + LEASE, NOW)}
+    accept = WorkflowTaskCompletion(
+        task=tasks["run-3"],
+        events=[(UPDATE_ACCEPTED, {"update_id": "u1", "name": "add", "args": [1]})],
+        inputs_through=tasks["run-3"].history_length,
+        updates=[UpdateState("run-3", "u1", "accepted")],
+    )
+    completions = [
+        schedule(tasks["run-0"]),
+        activity_and_timer(tasks["run-1"]),
+        complete(tasks["run-2"]),
+        accept,
+    ]
+    assert [c.acknowledged for c in completions] == [False, False, True, True]
+
+    durable: list[bool] = []
+    submit = store._submit  # type: ignore[attr-defined]
+
+    def spy(make: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(make, "func", None) == store._complete_workflow_task:  # type: ignore[attr-defined]
+            durable.append(
+                inspect.signature(submit).bind(make, *args, **kwargs).arguments["durable"]
+            )
+        return submit(make, *args, **kwargs)
+
+    store._submit = spy  # type: ignore[attr-defined]
+    if api == "complete_workflow_task":
+        for c in completions:
+            await store.complete_workflow_task(c, "w1", NOW)
+    else:
+        outcomes = [
+            o async for o in store.complete_workflow_tasks(((c, NOW) for c in completions), "w1")
+        ]
+        assert [o for o in outcomes if isinstance(o, Exception)] == []
+    assert durable == [False, False, True, True]
+
+    histories = [[e.type for e in await store.read_history(f"run-{i}")] for i in range(4)]
+    assert [h[-2:] for h in histories] == [
+        [ACTIVITY_SCHEDULED, WORKFLOW_TASK_COMPLETED],
+        [TIMER_STARTED, WORKFLOW_TASK_COMPLETED],
+        [WORKFLOW_COMPLETED, WORKFLOW_TASK_COMPLETED],
+        [UPDATE_ACCEPTED, WORKFLOW_TASK_COMPLETED],
+    ]
+    state = await store.get_update("run-3", "u1")
+    assert state is not None and state.state == "accepted"

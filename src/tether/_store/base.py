@@ -306,6 +306,16 @@ class WorkflowTaskCompletion:
     """False when the task read no new inputs and decided nothing (it only rejected
     update requests): no history is written, so a rejected update leaves no trace."""
 
+    @property
+    def acknowledged(self) -> bool:
+        """Whether recording it tells someone outside something: a closed run's outcome
+        or an update's. Only such a completion must wait for the disk. Any other one only
+        moves the run along (activities, timers, children, signals); a crash that loses
+        it is a crash before it was recorded (the task runs again, its activities at
+        least once as ever), and any later durable commit makes it durable too (the log
+        is in order)."""
+        return self.close is not None or bool(self.updates)
+
 
 @dataclass(slots=True)
 class WorkflowTaskResult:

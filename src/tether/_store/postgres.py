@@ -325,11 +325,12 @@ class PostgresStore(SqlStore):
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._lease_queue: asyncio.Queue[_Write | None] = asyncio.Queue()
-        """Lease-only writes (claims, renewals): a committer of their own, whose session
+        """Writes that tell no one anything (claims, renewals, workflow tasks that neither
+        close their run nor answer an update): a committer of their own, whose session
         commits without waiting for the WAL flush, so they wait neither for fsyncs nor
-        behind the durable writes. Losing such a commit in a crash equals its lease
-        running out, and the WAL is in order: a later synchronous commit flushes it too.
-        Everything else commits synchronously."""
+        behind the durable writes. Losing such a commit in a crash equals a crash before
+        it (a lease runs out, a task runs again), and the WAL is in order: a later
+        synchronous commit flushes it too. Everything else commits synchronously."""
         self._committers: list[asyncio.Task[None]] = []
         self._committer_pids: set[int] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -455,8 +456,8 @@ class PostgresStore(SqlStore):
         self._queue_for(durable).put_nowait(_Write(make, fut, durable))
         return fut
 
-    def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
-        return self._submit(make, durable=True)
+    def _submit_write(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
+        return self._submit(make, durable)
 
     async def _read(self, make: Callable[[], Op[T]]) -> T:
         assert self._pool is not None
@@ -725,9 +726,6 @@ class PostgresStore(SqlStore):
                 write.fut.set_exception(value)
 
     # -- notifications -------------------------------------------------------------------
-    async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
-        return await self._execute(make, writes=True, durable=False)
-
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         return self._waiters.add(changes)
 

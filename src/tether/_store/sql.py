@@ -351,33 +351,35 @@ class SqlStore(Store):
         """Set by the backend's ``close``: no operation starts after it."""
 
     @abc.abstractmethod
-    async def _execute(self, make: Callable[[], Op[T]], writes: bool) -> T:
+    async def _execute(self, make: Callable[[], Op[T]], writes: bool, durable: bool = True) -> T:
         """Run the operation ``make()`` creates, in a transaction (writes) or on a snapshot
         (reads), and return its value. A backend may call ``make`` again to re-run the
-        operation after rolling back a batch."""
+        operation after rolling back a batch. ``durable=False``: a write that tells no
+        one anything (see ``_execute_lease``), which the backend may commit without
+        waiting for the disk."""
 
     @abc.abstractmethod
-    def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
-        """Queue the durable write ``make()`` creates (on the running event loop, without
-        fault injection or a look at ``_closed``); the future gets its value once
-        committed."""
+    def _submit_write(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
+        """Queue the write ``make()`` creates (on the running event loop, without fault
+        injection or a look at ``_closed``); the future gets its value once committed
+        (durably, if ``durable``)."""
 
     async def _execute_each(
-        self, makes: Iterable[Callable[[], Op[T]]]
+        self, makes: Iterable[tuple[Callable[[], Op[T]], bool]]
     ) -> AsyncIterator[T | Exception]:
-        """``_execute`` independent durable writes together: each queued as ``makes``
-        yields it, all before any is awaited (so they share group commits), and awaited
-        in one coroutine, not a task each. Yields each outcome in order as soon as it is
-        known: the write's value or the exception it raised."""
+        """``_execute`` independent ``(make, durable)`` writes together: each queued as
+        ``makes`` yields it, all before any is awaited (so they share group commits), and
+        awaited in one coroutine, not a task each. Yields each outcome in order as soon
+        as it is known: the write's value or the exception it raised."""
         faults = self.faults
         submitted: list[asyncio.Future[T] | Exception] = []
-        for make in makes:
+        for make, durable in makes:
             try:
                 if self._closed:
                     raise StoreError("the store is closed", retryable=False)
                 if faults is not None:
                     faults.before(True)
-                submitted.append(self._submit_write(make))
+                submitted.append(self._submit_write(make, durable))
             except Exception as e:
                 submitted.append(e)
         for fut in submitted:
@@ -399,7 +401,7 @@ class SqlStore(Store):
         as ever; only the claim's attempt count is not kept), so a backend may commit it
         without waiting for the disk; any later durable commit makes it durable too.
         Never for anything a caller is told has been recorded."""
-        return await self._execute(make, writes=True)
+        return await self._execute(make, writes=True, durable=False)
 
     def _token(self) -> str:
         """A lease token unique across processes (random prefix) without a syscall each."""
@@ -829,14 +831,17 @@ class SqlStore(Store):
         self, completion: WorkflowTaskCompletion, owner: str, now: float
     ) -> WorkflowTaskResult:
         return await self._execute(
-            partial(self._complete_workflow_task, completion, owner, now), writes=True
+            partial(self._complete_workflow_task, completion, owner, now),
+            writes=True,
+            durable=completion.acknowledged,
         )
 
     def complete_workflow_tasks(
         self, completions: Iterable[tuple[WorkflowTaskCompletion, float]], owner: str
     ) -> AsyncIterator[WorkflowTaskResult | Exception]:
         return self._execute_each(
-            partial(self._complete_workflow_task, c, owner, now) for c, now in completions
+            (partial(self._complete_workflow_task, c, owner, now), c.acknowledged)
+            for c, now in completions
         )
 
     def _complete_workflow_task(

@@ -5,8 +5,9 @@ runs every queued operation inside one transaction (one that fails after writing
 undone alone, the others' writes stay), commits once, and
 only then resolves the callers' futures. Many state transitions share one fsync;
 none is acknowledged before its commit is durable (WAL, ``synchronous=FULL``). A batch
-of nothing but leases commits with ``NORMAL`` (no fsync): losing it equals the lease
-running out, and the next synced commit makes it durable too (the WAL is in order).
+of writes that tell no one anything (leases; workflow tasks that neither close their run
+nor answer an update) commits with ``NORMAL`` (no fsync): losing it equals a crash
+before it, and the next synced commit makes it durable too (the WAL is in order).
 Where nothing else waits, the event loop commits a pass's writes itself, under the
 same lock, rather than handing them to the thread (``_flush_on_loop``).
 
@@ -402,9 +403,6 @@ class SqliteStore(SqlStore):
             self.faults.after(writes)
         return value
 
-    async def _execute_lease(self, make: Callable[[], Op[T]]) -> T:
-        return await self._execute(make, writes=True, durable=False)
-
     def _submit(self, make: Callable[[], Op[T]], writes: bool, durable: bool) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
@@ -418,8 +416,8 @@ class SqliteStore(SqlStore):
             self._queue_write(op, loop)
         return fut
 
-    def _submit_write(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
-        return self._submit(make, writes=True, durable=True)
+    def _submit_write(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
+        return self._submit(make, writes=True, durable=durable)
 
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         return self._waiters.add(changes)

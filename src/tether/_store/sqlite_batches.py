@@ -36,7 +36,7 @@ class Request:
         self.make = make
         self.writes = writes
         self.durable = durable
-        """False for lease-only writes: their commit need not wait for the disk."""
+        """False for writes that tell no one anything: their commit need not wait for the disk."""
         self.changes = 0
         """The kinds of work (``Change``) the operation touched."""
 
@@ -104,7 +104,7 @@ class BatchWriter:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._lazy_commits = False
-        """Whether the connection is at synchronous=NORMAL (lease-only batches)."""
+        """Whether the connection is at synchronous=NORMAL (for unacknowledged batches)."""
         self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
 
     def run(self, batch: Sequence[Request]) -> tuple[list[Outcome], int, bool]:
@@ -133,8 +133,8 @@ class BatchWriter:
     def _run_batch(self, batch: Sequence[Request], wait: bool) -> tuple[list[Outcome], int] | None:
         conn = self._conn
         writes = any(op.writes for op in batch)
-        # Only leases in this batch: commit without fsync. The WAL is written in order,
-        # so the next synced commit makes this one durable too.
+        # Nothing in this batch is acknowledged: commit without fsync. The WAL is written
+        # in order, so the next synced commit makes this one durable too.
         lazy = not any(op.durable for op in batch)
         changes = 0
         try:
