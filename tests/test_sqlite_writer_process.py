@@ -15,6 +15,8 @@ import pytest
 
 from tether import Client, Worker, activity, workflow
 from tether._runtime.connection import open_store
+from tether._store import sqlite as sqlite_module
+from tether._store.base import NewRun
 from tether._store.sqlite import SqliteStore
 from tether.exceptions import InvalidArgumentError, StoreError, WorkflowAlreadyStartedError
 
@@ -150,7 +152,7 @@ def test_the_writer_process_exits_when_its_parent_is_killed(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("sqlite:///t.db?writer=fork", "writer='fork' is not one of thread, process"),
+        ("sqlite:///t.db?writer=fork", "writer='fork' is not one of auto, thread, process"),
         ("sqlite:///t.db?journal=off", "unknown option 'journal'"),
         ("sqlite:///:memory:?writer=process", "in-memory SQLite store cannot have its writer"),
     ],
@@ -212,3 +214,138 @@ def test_the_writer_child_loads_the_store_alone_not_the_public_api() -> None:
     loaded = ast.literal_eval(out)  # a printed list of module names
     assert "tether._store.sqlite_batches" in loaded
     assert not {"tether.client", "tether.worker", "tether._runtime"} & set(loaded), loaded
+
+
+# -- writer="auto": from the thread into a process under sustained load -------------------
+
+
+def _new_run(i: int) -> NewRun:
+    return NewRun(
+        namespace="default",
+        workflow_id=f"wf{i}",
+        run_id=f"run-{i}",
+        workflow_type="Flow",
+        task_queue="q",
+        args=[i],
+        request_id=f"req-{i}",
+        seed=i,
+        now=1_000_000.0,
+    )
+
+
+@pytest.fixture
+def quick_to_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An auto writer moves after two windows of 50 ms with 20 writes or more each."""
+    monkeypatch.setattr(sqlite_module, "_LOAD_WINDOW_S", 0.05)
+    monkeypatch.setattr(sqlite_module, "_PROMOTE_AFTER_S", 0.1)
+    monkeypatch.setattr(sqlite_module, "_PROMOTE_WRITES_PER_S", 400)
+
+
+async def _load(store: SqliteStore, runs: range, until: asyncio.Event) -> int:
+    """Start runs in waves of 20 until ``until`` is set (and a few waves more)."""
+    started = 0
+    after = 5
+    for first in range(runs.start, runs.stop, 20):
+        wave = [_new_run(i) for i in range(first, min(first + 20, runs.stop))]
+        await asyncio.gather(*(store.start_run(r) for r in wave))
+        started += len(wave)
+        if until.is_set():
+            after -= 1
+            if after == 0:
+                break
+    return started
+
+
+async def test_an_auto_writer_moves_into_a_process_under_load_in_order(
+    tmp_path: Path, quick_to_move: None
+) -> None:
+    """Under sustained load the default writer leaves its thread for a process. Writes
+    acknowledged before, during and after the move are all there, and writes that
+    follow one another commit in that order (signals to one run keep their order)."""
+    store = SqliteStore(os.path.join(tmp_path, "t.db"))  # writer="auto", the default
+    try:
+        await store.start_run(_new_run(-1))
+        moved = asyncio.Event()
+        signals_sent = 0
+
+        async def signal_in_turn() -> None:
+            nonlocal signals_sent
+            while not moved.is_set() or signals_sent < 300:
+                await store.signal_run("default", "wf-1", None, "n", [signals_sent], 1e6)
+                signals_sent += 1
+                if store.process_writer is not None:
+                    moved.set()
+
+        signaller = asyncio.create_task(signal_in_turn())
+        started = await _load(store, range(20_000), moved)
+        await asyncio.wait_for(signaller, 30)
+        assert store.process_writer is not None and store.process_writer.pid is not None
+        assert not store._writer_thread.is_alive()
+        runs = await store.list_runs("default", limit=100_000)
+        assert len(runs) == started + 1
+        history = await store.read_history("run--1")
+        sent = [e.data["args"][0] for e in history if e.type == "SignalReceived"]
+        assert sent == list(range(signals_sent))
+    finally:
+        await store.close()
+
+
+async def test_a_thread_writer_stays_in_its_thread_under_load(
+    tmp_path: Path, quick_to_move: None
+) -> None:
+    store = SqliteStore(os.path.join(tmp_path, "t.db"), writer="thread")
+    try:
+        deadline = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.5, deadline.set)
+        started = await _load(store, range(100_000), deadline)
+        assert started > 400  # the load an auto writer moves under (see above)
+        assert store.process_writer is None and store._writer_thread.is_alive()
+    finally:
+        await store.close()
+
+
+def _writer_children() -> list[int]:
+    """This process's children that are SQLite writer processes (and still running)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"sqlite_writer" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("close_after", [0.0, 0.05, 0.5])
+async def test_a_store_closed_while_its_writer_moves_loses_nothing_acknowledged(
+    tmp_path: Path, close_after: float
+) -> None:
+    """Closing during the move: every write either was acknowledged and is in the file,
+    or failed as never started; no writer process is left behind."""
+    path = os.path.join(tmp_path, "t.db")
+    store = SqliteStore(path)
+    await store.start_run(_new_run(-1))
+    store._promotion = asyncio.get_running_loop().create_task(store._promote())
+    writes = [asyncio.create_task(store.start_run(_new_run(i))) for i in range(300)]
+    await asyncio.sleep(close_after)
+    await store.close()
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+    failed = {i for i, o in enumerate(outcomes) if isinstance(o, BaseException)}
+    for i in failed:
+        assert isinstance(outcomes[i], StoreError) and "closed" in str(outcomes[i])
+    deadline = time.monotonic() + 5
+    while _writer_children() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert _writer_children() == []
+    reopened = SqliteStore(path, writer="thread")
+    try:
+        in_file = {r.run_id for r in await reopened.list_runs("default", limit=1000)}
+    finally:
+        await reopened.close()
+    assert in_file == {"run--1"} | {f"run-{i}" for i in range(300) if i not in failed}

@@ -15,7 +15,7 @@ from tether.exceptions import InvalidArgumentError, StoreError
 _EXPECTED = "expected sqlite:///path/to/file.db or postgresql://user@host:port/database"
 
 
-_SQLITE_OPTIONS = {"writer": ("thread", "process")}
+_SQLITE_OPTIONS = {"writer": ("auto", "thread", "process")}
 """Query parameters a SQLite URL may carry, and their values."""
 
 
@@ -71,7 +71,9 @@ async def open_store(url: str, **options: Any) -> Store:
     """``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``sqlite:///:memory:`` or
     ``postgresql://user:password@host:port/database`` (``postgres://`` too).
     ``sqlite:///file.db?writer=process`` runs the SQLite store's writer in a process
-    of its own (more throughput for a busy worker; see ``SqliteStore``).
+    of its own from the start, ``?writer=thread`` keeps it in a thread; by default
+    (``auto``) it starts in a thread and moves into a process under sustained load
+    (see ``SqliteStore``).
 
     The schema is created or migrated on first use. ``options`` go to the store
     (``PostgresStore``: ``pool_size``, ``committers``, ``reconnect_timeout``, ...).

@@ -20,6 +20,7 @@ poll; ``PRAGMA data_version``, polled every ``poll_interval`` without it and eve
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import sqlite3
 import threading
@@ -36,6 +37,8 @@ from tether.exceptions import InvalidArgumentError, StoreError
 
 T = TypeVar("T")
 
+logger = logging.getLogger("tether.store")
+
 # The schema lives in migrations/sqlite/NNNN_*.sql (and the same change for PostgreSQL
 # in migrations/postgres/): add a new numbered file to both to change it.
 
@@ -47,7 +50,15 @@ interrupted there and left to the reader thread (a read is safe to run again).""
 _BUDGET_CHECK_STEPS = 1000
 """SQLite virtual-machine steps between two looks at that budget."""
 
-WriterKind = Literal["thread", "process"]
+WriterKind = Literal["auto", "thread", "process"]
+
+_PROMOTE_WRITES_PER_S = 5000
+"""``writer="auto"``: write operations per second that, sustained, move the writer into
+a process of its own (sequential work such as one workflow at a time stays far below:
+about 1,500 per second)."""
+_PROMOTE_AFTER_S = 2
+"""For this many consecutive seconds."""
+_LOAD_WINDOW_S = 1.0
 
 
 class _Op(Request):
@@ -107,22 +118,24 @@ class SqliteStore(SqlStore):
 
     Two threads own one connection each: the writer commits in groups, the reader
     serves reads from WAL snapshots without waiting behind the writer's fsync. With
-    ``writer="process"`` the writer thread hands its batches to a process of its own
+    ``writer="process"`` the writer runs in a process of its own
     (``sqlite_writer_process``): more throughput where many workflows run in this
-    process, at the cost of a process per store.
+    process, at the cost of a process per store and a hop per write. ``"auto"`` (the
+    default) starts with the thread and moves the writer into a process once the write
+    load stays high; ``"thread"`` never does.
     """
 
     # One writer at a time: no row locks needed.
     dialect = Dialect(row_locks=False, json_functions="json1")
 
     def __init__(
-        self, path: str, *, poll_interval: float = 0.01, writer: WriterKind = "thread"
+        self, path: str, *, poll_interval: float = 0.01, writer: WriterKind = "auto"
     ) -> None:
         super().__init__()
         in_memory = path == ":memory:"
-        if writer not in ("thread", "process"):
+        if writer not in ("auto", "thread", "process"):
             raise InvalidArgumentError(
-                f"unknown SQLite writer {writer!r}: use 'thread' (the default) or 'process'"
+                f"unknown SQLite writer {writer!r}: use 'auto' (the default), 'thread' or 'process'"
             )
         if writer == "process" and in_memory:
             raise InvalidArgumentError(
@@ -154,14 +167,26 @@ class SqliteStore(SqlStore):
         reads run on the event loop's thread."""
         self._threads: list[threading.Thread] = []
         self.process_writer: ProcessWriter | None = None
-        """The writer process's parent side, with ``writer="process"``."""
+        """The writer process's parent side, with ``writer="process"`` (or once an
+        ``"auto"`` writer has moved there)."""
         self._process_wakeup: CommitWakeup | None = None
+        self._auto = writer == "auto" and not in_memory
+        """Move the writer into a process once the write load stays high (``_promote``)."""
+        self._writes_counted = 0
+        self._loaded_windows = 0
+        self._load_check: asyncio.TimerHandle | None = None
+        self._promotion: asyncio.Task[None] | None = None
+        self._held: list[_Op] | None = None
+        """While the writer moves: the writes that wait for the move to finish."""
+        self._switch_lock = threading.Lock()
+        """Guards the choice of where a write goes against the move (``_held``)."""
         if writer == "process":
             # (The reader's connection creates and migrates the file.)
             self._open_thread(self._run_reader, "reader", self._prepare_reader)
             self._open_process_writer()
             return
         self._open_thread(self._run_writer, "writer", self._prepare_writer)
+        self._writer_thread = self._threads[-1]
         if not in_memory:
             self._open_thread(self._run_reader, "reader", self._prepare_reader)
 
@@ -320,6 +345,8 @@ class SqliteStore(SqlStore):
             with self._home_lock:  # two loops' first writes at once: one is home
                 if self._home_loop is None:
                     self._home_loop = loop
+                    if self._auto:
+                        self._load_check = loop.call_later(_LOAD_WINDOW_S, self._check_load)
         if loop is not self._home_loop or self._writer is None:
             self._writes.put(op)
             return
@@ -357,18 +384,81 @@ class SqliteStore(SqlStore):
             self._writes.put(op)
 
     def _open_process_writer(self) -> None:
+        try:
+            self.process_writer, self._process_wakeup = self._new_process_writer()
+        except StoreError:
+            self._shutdown_threads()
+            raise
+
+    def _new_process_writer(self) -> tuple[ProcessWriter, CommitWakeup]:
         wakeup = CommitWakeup(self.path, self._waiters.notify, self._poll_interval)
         try:
-            self.process_writer = ProcessWriter(
+            writer = ProcessWriter(
                 self.path,
                 lambda batch, *reply: self._replied(wakeup, batch, *reply),
                 lambda: wakeup.poll_interval,
             )
         except StoreError:
             wakeup.close()
-            self._shutdown_threads()
             raise
-        self._process_wakeup = wakeup
+        return writer, wakeup
+
+    # -- writer="auto": from the thread to a process under sustained load ---------------
+    def _check_load(self) -> None:
+        """Once a window (on the home loop): count the writes, and move the writer into
+        a process after ``_PROMOTE_AFTER_S`` loaded windows in a row. In one process the
+        writer thread and the event loop share the GIL, so a busy worker uses one core;
+        sequential work keeps the thread, whose commits need no hop between processes."""
+        if self._closed:
+            return
+        count, self._writes_counted = self._writes_counted, 0
+        if count >= _PROMOTE_WRITES_PER_S * _LOAD_WINDOW_S:
+            self._loaded_windows += 1
+        else:
+            self._loaded_windows = 0
+        if self._loaded_windows >= _PROMOTE_AFTER_S / _LOAD_WINDOW_S:
+            self._promotion = asyncio.get_running_loop().create_task(self._promote())
+            return
+        self._load_check = asyncio.get_running_loop().call_later(_LOAD_WINDOW_S, self._check_load)
+
+    async def _promote(self) -> None:
+        """Move the writer from its thread into a process of its own. Writes that come
+        meanwhile wait (``_held``) until the thread has committed everything queued
+        before them, then go to the process in the order they came: no write commits
+        out of order, and none is lost if the store closes meanwhile (they fail as
+        never started). If the process cannot start, the thread stays."""
+        loop = asyncio.get_running_loop()
+        try:
+            writer, wakeup = await loop.run_in_executor(None, self._new_process_writer)
+        except StoreError as e:
+            logger.warning("SQLite store %s keeps its writer thread: %s", self.path, e)
+            return
+        installed = False
+        try:
+            if self._closed:
+                return
+            with self._switch_lock:
+                self._held = []
+            self._flush_on_loop()  # this pass's writes: committed or queued to the thread
+            self._writes.put(None)  # the thread stops after what is queued before it
+            await loop.run_in_executor(None, self._writer_thread.join)
+            with self._switch_lock:
+                if self._closed:
+                    return
+                held, self._held = self._held, None
+                self.process_writer, self._process_wakeup = writer, wakeup
+                installed = True
+                for op in held:  # (bound to this, the home loop, like thread writes were)
+                    writer.submit(op, loop)
+            logger.info("SQLite store %s moved its writer into a process", self.path)
+        finally:
+            if not installed:
+                with self._switch_lock:
+                    held, self._held = self._held or [], None
+                error = StoreError("the store is closed", retryable=False)
+                _deliver(held, [(False, error)] * len(held))
+                await writer.close()
+                wakeup.close()
 
     def _replied(
         self,
@@ -413,7 +503,14 @@ class SqliteStore(SqlStore):
         elif self.process_writer is not None:
             self.process_writer.submit(op, loop)
         else:
-            self._queue_write(op, loop)
+            with self._switch_lock:  # (uncontended but for a move in progress)
+                if self._held is not None:
+                    self._held.append(op)
+                elif self.process_writer is not None:
+                    self.process_writer.submit(op, loop)
+                else:
+                    self._writes_counted += 1
+                    self._queue_write(op, loop)
         return fut
 
     def _submit_write(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
@@ -432,6 +529,11 @@ class SqliteStore(SqlStore):
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        if self._load_check is not None:
+            self._load_check.cancel()
+        if self._promotion is not None and loop is self._home_loop:
+            # It stops at its next step (its held writes fail as never started).
+            await asyncio.gather(self._promotion, return_exceptions=True)
         if loop is self._home_loop:
             self._flush_on_loop(closing=True)  # accepted before the close: to the thread
         elif self._home_loop is not None:
