@@ -349,3 +349,55 @@ async def test_a_store_closed_while_its_writer_moves_loses_nothing_acknowledged(
     finally:
         await reopened.close()
     assert in_file == {"run--1"} | {f"run-{i}" for i in range(300) if i not in failed}
+
+
+async def test_a_moved_writer_runs_on_the_home_loop_and_closes_from_any_loop(
+    tmp_path: Path,
+) -> None:
+    """The moved writer belongs to the store's home loop (not to whichever loop writes
+    first), and a close from another thread's loop answers the home loop's writes in
+    flight: each is either in the file or failed, none left waiting."""
+    path = os.path.join(tmp_path, "t.db")
+    store = SqliteStore(path)
+    await store.start_run(_new_run(-1))
+    await store._promote()
+    assert store.process_writer is not None
+    assert store.process_writer.loop is asyncio.get_running_loop()
+    writes = [asyncio.ensure_future(store.start_run(_new_run(i))) for i in range(1000)]
+    await asyncio.sleep(0)
+    closer = asyncio.get_running_loop().run_in_executor(None, asyncio.run, store.close())
+    outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+    await closer
+    acknowledged = {f"run-{i}" for i, o in enumerate(outcomes) if not isinstance(o, Exception)}
+    assert all(isinstance(o, StoreError) for o in outcomes if isinstance(o, Exception))
+    reopened = SqliteStore(path, writer="thread")
+    try:
+        in_file = {r.run_id for r in await reopened.list_runs("default", limit=2000)}
+    finally:
+        await reopened.close()
+    assert acknowledged | {"run--1"} <= in_file
+
+
+async def test_a_move_cancelled_halfway_still_finishes(tmp_path: Path) -> None:
+    """Once the writer thread is told to stop, the move completes even if its task is
+    cancelled (an ending event loop, a timed-out close): writes keep working."""
+    store = SqliteStore(os.path.join(tmp_path, "t.db"))
+    try:
+        await store.start_run(_new_run(-1))
+        store._writer_lock.acquire()  # the thread stops at its next batch: held there
+        try:
+            queued = asyncio.ensure_future(store.start_run(_new_run(0)))
+            promotion = asyncio.get_running_loop().create_task(store._promote())
+            while store._held is None:  # the child is up; the thread is being stopped
+                await asyncio.sleep(0.005)
+            held = [asyncio.ensure_future(store.start_run(_new_run(i))) for i in (1, 2)]
+            await asyncio.sleep(0.01)
+            promotion.cancel()
+        finally:
+            store._writer_lock.release()
+        await asyncio.wait_for(asyncio.gather(queued, *held), 10)
+        await asyncio.wait_for(store.start_run(_new_run(3)), 10)
+        assert store.process_writer is not None and not store._writer_thread.is_alive()
+        assert len(await store.list_runs("default")) == 5
+    finally:
+        await store.close()

@@ -59,6 +59,9 @@ about 1,500 per second)."""
 _PROMOTE_AFTER_S = 2
 """For this many consecutive seconds."""
 _LOAD_WINDOW_S = 1.0
+_CLOSE_THERE_S = 5.0
+"""How long a close from another event loop waits for the writer's own loop to close
+the writer process (answering what is in flight) before closing it from here."""
 
 
 class _Op(Request):
@@ -398,7 +401,7 @@ class SqliteStore(SqlStore):
                 lambda batch, *reply: self._replied(wakeup, batch, *reply),
                 lambda: wakeup.poll_interval,
             )
-        except StoreError:
+        except BaseException:
             wakeup.close()
             raise
         return writer, wakeup
@@ -430,35 +433,46 @@ class SqliteStore(SqlStore):
         loop = asyncio.get_running_loop()
         try:
             writer, wakeup = await loop.run_in_executor(None, self._new_process_writer)
-        except StoreError as e:
+        except Exception as e:
             logger.warning("SQLite store %s keeps its writer thread: %s", self.path, e)
             return
-        installed = False
+        if self._closed:
+            await self._discard(writer, wakeup, [])
+            return
+        with self._switch_lock:
+            self._held = []
+        self._flush_on_loop()  # this pass's writes: committed or queued to the thread
+        self._writes.put(None)  # the thread stops after what is queued before it
+        # From here on the move must finish whatever happens to this task (the thread is
+        # stopping): a cancelled close or an ending event loop must not strand writes.
+        await asyncio.shield(self._finish_move(writer, wakeup))
+
+    async def _finish_move(self, writer: ProcessWriter, wakeup: CommitWakeup) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            if self._closed:
-                return
-            with self._switch_lock:
-                self._held = []
-            self._flush_on_loop()  # this pass's writes: committed or queued to the thread
-            self._writes.put(None)  # the thread stops after what is queued before it
             await loop.run_in_executor(None, self._writer_thread.join)
-            with self._switch_lock:
-                if self._closed:
-                    return
-                held, self._held = self._held, None
-                self.process_writer, self._process_wakeup = writer, wakeup
-                installed = True
-                for op in held:  # (bound to this, the home loop, like thread writes were)
+        except RuntimeError:  # no executor any more (the loop is ending): it is quick
+            self._writer_thread.join()
+        with self._switch_lock:
+            held, self._held = self._held or [], None
+            if not self._closed:
+                # Bound to this, the home loop, before anyone can see it: writes from
+                # other loops are handed over to it, after the held ones.
+                writer.bind(loop)
+                for op in held:
                     writer.submit(op, loop)
-            logger.info("SQLite store %s moved its writer into a process", self.path)
-        finally:
-            if not installed:
-                with self._switch_lock:
-                    held, self._held = self._held or [], None
-                error = StoreError("the store is closed", retryable=False)
-                _deliver(held, [(False, error)] * len(held))
-                await writer.close()
-                wakeup.close()
+                self.process_writer, self._process_wakeup = writer, wakeup
+                logger.info("SQLite store %s moved its writer into a process", self.path)
+                return
+        await self._discard(writer, wakeup, held)
+
+    @staticmethod
+    async def _discard(writer: ProcessWriter, wakeup: CommitWakeup, held: list[_Op]) -> None:
+        """The store closed during the move: fail ``held``, stop the unused process."""
+        error = StoreError("the store is closed", retryable=False)
+        _deliver(held, [(False, error)] * len(held))
+        await writer.close()
+        wakeup.close()
 
     def _replied(
         self,
@@ -525,15 +539,17 @@ class SqliteStore(SqlStore):
             self._reads.put(None)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._switch_lock:  # a writer being moved is either installed or discarded
+            if self._closed:
+                return
+            self._closed = True
         loop = asyncio.get_running_loop()
-        if self._load_check is not None:
-            self._load_check.cancel()
-        if self._promotion is not None and loop is self._home_loop:
-            # It stops at its next step (its held writes fail as never started).
-            await asyncio.gather(self._promotion, return_exceptions=True)
+        if loop is self._home_loop:
+            if self._load_check is not None:
+                self._load_check.cancel()
+            if self._promotion is not None:
+                # It stops at its next step (its held writes fail as never started).
+                await asyncio.gather(self._promotion, return_exceptions=True)
         if loop is self._home_loop:
             self._flush_on_loop(closing=True)  # accepted before the close: to the thread
         elif self._home_loop is not None:
@@ -542,8 +558,17 @@ class SqliteStore(SqlStore):
             except RuntimeError:
                 pass  # that loop has closed: nobody waits for them
         try:
-            if self.process_writer is not None:
-                await self.process_writer.close()
+            writer = self.process_writer
+            if writer is not None:
+                home = writer.loop
+                if home is None or home is loop or not home.is_running():
+                    await writer.close()
+                else:  # it runs on another loop: close it there, its writes answered
+                    there = asyncio.run_coroutine_threadsafe(writer.close(), home)
+                    try:
+                        await asyncio.wait_for(asyncio.wrap_future(there), _CLOSE_THERE_S)
+                    except TimeoutError:  # that loop is blocked (on this close, perhaps)
+                        await writer.close()
         finally:
             if self._process_wakeup is not None:
                 self._process_wakeup.close()

@@ -98,6 +98,16 @@ class ProcessWriter:
         """The child's process id (None between a lost child and the next request)."""
         return None if self._proc is None else self._proc.pid
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop this writer runs on (that of its first write, or ``bind``)."""
+        return self._loop
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on ``loop`` from now on (before any write; called on ``loop``)."""
+        if self._loop is None:
+            self._bind(loop)
+
     def submit(self, op: Request, loop: asyncio.AbstractEventLoop) -> None:
         """Queue ``op`` (called on ``loop``); its outcome goes to ``on_reply``."""
         if self._closed:
@@ -272,8 +282,15 @@ class ProcessWriter:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         if self._loop is None or self._loop is not asyncio.get_running_loop():
-            if self._sock is not None:  # never used here: nothing is in flight
+            if self._loop is not None and self._loop.is_running():
+                # Its loop is busy elsewhere: there, what is in flight fails as lost
+                # (it may or may not have committed) and the child is stopped.
+                self._loop.call_soon_threadsafe(self._lost)
+                return
+            # Never used, or its loop has stopped: nobody waits for what is in flight.
+            if self._sock is not None:
                 self._sock.close()
+                self._sock = None
             if self._proc is not None:
                 _reap(self._proc)
             return
