@@ -510,17 +510,18 @@ class Engine:
         updates: list[UpdateRequest],
     ) -> tuple[WorkflowInstance, list[Command], float]:
         """Apply ``events`` to ``inst`` (None: a new instance replays them) and run the
-        new activation: the instance, its commands, and the time it ran at. An instance
-        that fails here is evicted."""
+        new activation: the instance, its commands, and the time it ran at. A new
+        instance that fails here is evicted (the caller evicts the one it passed)."""
+        new: WorkflowInstance | None = None
         try:
             if inst is None:
-                inst = self._new_instance(task, events[0].time, events[0].data)
+                inst = new = self._new_instance(task, events[0].time, events[0].data)
                 self.stats["replays"] += 1
             now = self.clock.now()
             return inst, inst.apply(events, now, updates=updates), now
         except BaseException:
-            if inst is not None:
-                inst.evict()
+            if new is not None:
+                new.evict()
             raise
 
     def _not_activated(

@@ -438,19 +438,6 @@ class PostgresStore(SqlStore):
         await listening
 
     # -- executing operations ----------------------------------------------------------
-    async def _execute(self, make: Callable[[], Op[T]], writes: bool, durable: bool = True) -> T:
-        if self._closed:
-            raise StoreError("the store is closed", retryable=False)
-        if self.faults is not None:
-            self.faults.before(writes)
-        if writes:
-            value = await self._submit(make, durable)
-        else:
-            value = await self._read(make)
-        if self.faults is not None:
-            self.faults.after(writes)
-        return value
-
     def _submit(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue_for(durable).put_nowait(_Write(make, fut, durable))

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -350,13 +350,30 @@ class SqlStore(Store):
         self._closed = False
         """Set by the backend's ``close``: no operation starts after it."""
 
-    @abc.abstractmethod
     async def _execute(self, make: Callable[[], Op[T]], writes: bool, durable: bool = True) -> T:
         """Run the operation ``make()`` creates, in a transaction (writes) or on a snapshot
         (reads), and return its value. A backend may call ``make`` again to re-run the
         operation after rolling back a batch. ``durable=False``: a write that tells no
         one anything (see ``_execute_lease``), which the backend may commit without
         waiting for the disk."""
+        self._starting(writes)
+        value = await (self._submit_write(make, durable) if writes else self._read(make))
+        if self.faults is not None:
+            self.faults.after(writes)
+        return value
+
+    def _starting(self, writes: bool) -> None:
+        """Before an operation starts: none once the store is closed, and injected
+        faults may fail it."""
+        if self._closed:
+            raise StoreError("the store is closed", retryable=False)
+        if self.faults is not None:
+            self.faults.before(writes)
+
+    @abc.abstractmethod
+    def _read(self, make: Callable[[], Op[T]]) -> Awaitable[T]:
+        """Run the read ``make()`` creates on a snapshot (no fault injection or look at
+        ``_closed``: ``_execute`` does those)."""
 
     @abc.abstractmethod
     def _submit_write(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
@@ -371,14 +388,10 @@ class SqlStore(Store):
         ``makes`` yields it, all before any is awaited (so they share group commits), and
         awaited in one coroutine, not a task each. Yields each outcome in order as soon
         as it is known: the write's value or the exception it raised."""
-        faults = self.faults
         submitted: list[asyncio.Future[T] | Exception] = []
         for make, durable in makes:
             try:
-                if self._closed:
-                    raise StoreError("the store is closed", retryable=False)
-                if faults is not None:
-                    faults.before(True)
+                self._starting(True)
                 submitted.append(self._submit_write(make, durable))
             except Exception as e:
                 submitted.append(e)
@@ -388,8 +401,8 @@ class SqlStore(Store):
                 continue
             try:
                 value = await fut
-                if faults is not None:
-                    faults.after(True)
+                if self.faults is not None:
+                    self.faults.after(True)
             except Exception as e:
                 yield e
                 continue

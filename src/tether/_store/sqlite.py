@@ -497,15 +497,8 @@ class SqliteStore(SqlStore):
         if others and not wakeup.active:  # else their wake-up says what changed
             self._waiters.notify(Change.ALL)
 
-    async def _execute(self, make: Callable[[], Op[T]], writes: bool, durable: bool = True) -> T:
-        if self._closed:
-            raise StoreError("the store is closed", retryable=False)
-        if self.faults is not None:
-            self.faults.before(writes)
-        value = await self._submit(make, writes, durable)
-        if self.faults is not None:
-            self.faults.after(writes)
-        return value
+    def _read(self, make: Callable[[], Op[T]]) -> asyncio.Future[T]:
+        return self._submit(make, writes=False, durable=True)
 
     def _submit(self, make: Callable[[], Op[T]], writes: bool, durable: bool) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -550,7 +543,6 @@ class SqliteStore(SqlStore):
             if self._promotion is not None:
                 # It stops at its next step (its held writes fail as never started).
                 await asyncio.gather(self._promotion, return_exceptions=True)
-        if loop is self._home_loop:
             self._flush_on_loop(closing=True)  # accepted before the close: to the thread
         elif self._home_loop is not None:
             try:  # its writes not yet handed over fail as never started

@@ -424,9 +424,7 @@ def writer_side_store() -> SqlStore:
 class _WriterSideStore(SqlStore):
     """Only runs operations (``make`` callables name its methods); never awaited."""
 
-    async def _execute(  # pragma: no cover
-        self, make: Any, writes: bool, durable: bool = True
-    ) -> Any:
+    def _read(self, make: Any) -> Any:  # pragma: no cover
         raise RuntimeError("the writer process runs operations, not store calls")
 
     def _submit_write(self, make: Any, durable: bool) -> Any:  # pragma: no cover
