@@ -66,7 +66,17 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile-idle", action="store_true", help="with --profile-a: sample idle threads too"
     )
-    return parser.parse_args(argv)
+    ns = parser.parse_args(argv)
+    unknown = [n for n in _names(ns.systems) if n not in BY_NAME]
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}: choose from {', '.join(BY_NAME)}")
+    if not ns.workloads or set(ns.workloads) - set("ABCDE"):
+        parser.error(f"--workloads {ns.workloads!r}: use letters of ABCDE, e.g. AB")
+    return ns
+
+
+def _names(systems: str) -> list[str]:
+    return [n.strip() for n in systems.split(",") if n.strip()]
 
 
 def _available(selected: list[System]) -> tuple[list[System], list[str]]:
@@ -191,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.e_workflows:
         sizes = Sizes(**{**asdict(sizes), "e_workflows": ns.e_workflows})
     reps = ns.reps or (1 if ns.quick else 3)
-    systems, notes = _available([BY_NAME[n.strip()] for n in ns.systems.split(",") if n.strip()])
+    systems, notes = _available([BY_NAME[n] for n in _names(ns.systems)])
     env = {"BENCH_PROFILE_A": str(ns.profile_a.resolve())} if ns.profile_a else {}
     if ns.profile_idle:
         env["BENCH_PROFILE_IDLE"] = "1"
