@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 from tether import Client, Worker, activity, workflow
 from tether._runtime.connection import open_store
 from tether._store import sqlite as sqlite_module
+from tether._store import sqlite_writer_process as writer_process
 from tether._store.base import NewRun
 from tether._store.sqlite import SqliteStore
 from tether.exceptions import InvalidArgumentError, StoreError, WorkflowAlreadyStartedError
@@ -195,6 +198,35 @@ async def test_a_store_whose_writer_process_died_closes_cleanly(tmp_path: Path) 
     assert store.process_writer.pid is None
     with pytest.raises(StoreError, match="closed"):
         await store.register_worker("q", "w", {}, [], 2.0)
+
+
+async def test_store_operations_travel_as_method_names_and_arguments(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "store.db"), writer="thread")
+    try:
+        run = NewRun(
+            namespace="default",
+            workflow_id="w1",
+            run_id="r1",
+            workflow_type="Chain",
+            task_queue="q",
+            args=[1],
+            request_id="req-1",
+            seed=7,
+            now=1.0,
+        )
+        make = functools.partial(store._start_run, run)
+        wire = writer_process._on_the_wire(make)
+        assert wire == ("_start_run", (run,))
+        # On the writer's side: the same method of that side's store, same arguments.
+        back = writer_process._from_the_wire(pickle.loads(pickle.dumps(wire)), store)
+        assert isinstance(back, functools.partial)
+        assert back.func == store._start_run and back.args == (run,)
+        # Anything else goes as itself.
+        keyed = functools.partial(store._start_run, run=run)
+        assert writer_process._on_the_wire(keyed) is keyed
+        assert writer_process._from_the_wire(keyed, store) is keyed
+    finally:
+        await store.close()
 
 
 def test_the_writer_child_loads_the_store_alone_not_the_public_api() -> None:

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import copyreg
 import dataclasses
+import functools
 import io
 import logging
 import operator
@@ -32,9 +33,10 @@ import socket
 import struct
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 import tether._gc_tuning as _gc_tuning
 from tether._store import base
@@ -159,7 +161,7 @@ class ProcessWriter:
         sendable: list[Request] = []
         for op in batch:
             try:
-                _dumps(op.make)
+                _dumps(_on_the_wire(op.make))
                 sendable.append(op)
             except Exception as e:
                 error = TypeError(f"store operation cannot be sent to the writer process: {e}")
@@ -313,7 +315,26 @@ class ProcessWriter:
 
 
 def _request(batch: list[Request]) -> bytes:
-    return _dumps([(op.make, op.writes, op.durable) for op in batch])
+    return _dumps([(_on_the_wire(op.make), op.writes, op.durable) for op in batch])
+
+
+def _on_the_wire(make: Callable[[], Any]) -> Any:
+    """``make`` as it travels: a store method's ``partial`` (nearly every operation) as
+    the method's name and arguments, which pickles in a third of the time of the
+    ``partial``, its bound method and the store behind it; anything else as itself."""
+    if type(make) is functools.partial and not make.keywords:
+        method = make.func
+        if type(method) is types.MethodType and isinstance(method.__self__, SqlStore):
+            return (method.__func__.__name__, make.args)
+    return make
+
+
+def _from_the_wire(make: Any, store: SqlStore) -> Callable[[], Any]:
+    """``_on_the_wire`` undone on the writer's side, against its own store."""
+    if type(make) is tuple:
+        name, args = make
+        return functools.partial(getattr(store, name), *args)
+    return cast(Callable[[], Any], make)
 
 
 Reducer = Callable[[Any], tuple[Any, ...]]
@@ -475,7 +496,13 @@ def _serve(path: str, channel: Connection, dialect: Dialect) -> None:
 
 
 def _run(writer: BatchWriter, requests: list[Any]) -> bytes:
-    batch = [Request(*op) for request in requests if request != _POLL for op in request]
+    store = writer_side_store()
+    batch = [
+        Request(_from_the_wire(make, store), writes, durable)
+        for request in requests
+        if request != _POLL
+        for make, writes, durable in request
+    ]
     if batch:
         outcomes, changes, others = writer.run(batch)
     else:
