@@ -7,7 +7,7 @@ import asyncio
 
 from tether._store.pg_statements import DeferredWrites, translate
 from tether._store.postgres import PostgresStore
-from tether._store.sql import MANY, ONE, WRITE, Op, Stmt
+from tether._store.sql_statements import MANY, ONE, WRITE, Op, Stmt
 from tether.exceptions import StoreError
 
 WORKER = "INSERT INTO workers (task_queue, identity, workflow_types, activity_types, last_seen) "

@@ -31,7 +31,7 @@ from tether._store.base import (
 from tether._store.changes import Change
 from tether._store.pg_statements import translate
 from tether._store.postgres import PostgresStore, redact
-from tether._store.sql import ONE, Op, Stmt
+from tether._store.sql_statements import ONE, Op, Stmt
 
 NOW = 1_000_000.0
 T = TypeVar("T")

@@ -108,3 +108,33 @@ def test_public_modules_do_not_import_the_store_or_worker_engine() -> None:
         tree = ast.parse(path.read_text())
         imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [m for m in imported if m.startswith("tether._runtime")], path.name
+
+
+def test_the_sql_store_layers_import_only_the_layers_below() -> None:
+    """``SqlStore`` is built in layers (see ``tether._store.sql``): each module may use
+    the ones before it in this list, never one after it."""
+    import ast
+    import pathlib
+
+    layers = [
+        "sql_statements",
+        "sql_core",
+        "sql_messages",
+        "sql_runs",
+        "sql_workflow_tasks",
+        "sql_activities",
+        "sql_timers",
+        "sql",
+    ]
+    store = pathlib.Path(tether.__file__).parent / "_store"
+    assert sorted(p.stem for p in store.glob("sql*.py") if not p.stem.startswith("sqlite")) == (
+        sorted(layers)
+    )
+    for i, layer in enumerate(layers):
+        tree = ast.parse((store / f"{layer}.py").read_text())
+        imported = {
+            (n.module or "").rpartition(".")[2]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("tether._store.sql")
+        }
+        assert imported <= set(layers[:i]), (layer, imported - set(layers[:i]))

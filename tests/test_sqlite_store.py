@@ -15,7 +15,7 @@ import pytest
 
 from tether._store import sqlite_batches
 from tether._store.base import WORKFLOW_COMPLETED, NewRun, RunClose, WorkflowTaskCompletion
-from tether._store.sql import ONE, WRITE, Op, Stmt
+from tether._store.sql_statements import ONE, WRITE, Op, Stmt
 from tether._store.sqlite import SqliteStore
 from tether.exceptions import StoreError
 

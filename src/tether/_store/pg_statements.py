@@ -19,7 +19,7 @@ import functools
 import re
 from typing import Any
 
-from tether._store.sql import WRITE, Stmt
+from tether._store.sql_statements import WRITE, Stmt
 
 _translations: dict[tuple[str, int], str] = {}
 _MAX_TRANSLATIONS = 4096  # statement shapes are few; this only bounds the unexpected

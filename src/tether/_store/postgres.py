@@ -1,6 +1,7 @@
 """PostgreSQL store: any number of workers on any number of hosts share one database.
 
-The domain logic is ``sql.py``'s, unchanged; this module is the driver.
+The domain logic is ``SqlStore``'s (``sql.py`` and its layers), unchanged; this module is
+the driver.
 
 - **Group commit.** Writes go through one queue to a few committer tasks, each with
   its own connection. A committer takes what has queued (up to ``_MAX_BATCH``
@@ -48,17 +49,8 @@ import asyncpg
 from tether._store import migrations
 from tether._store.changes import Change, ChangeWaiters
 from tether._store.pg_statements import DeferredWrites, translate
-from tether._store.sql import (
-    ALL,
-    MANY,
-    NOTIFY_MARK,
-    ONE,
-    TOUCH,
-    WRITE,
-    Dialect,
-    Op,
-    SqlStore,
-)
+from tether._store.sql import SqlStore
+from tether._store.sql_statements import ALL, MANY, NOTIFY_MARK, ONE, TOUCH, WRITE, Dialect, Op
 from tether.exceptions import StoreError
 
 logger = logging.getLogger("tether.store")

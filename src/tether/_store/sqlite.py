@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 from tether._store.changes import Change, ChangeWaiters
-from tether._store.sql import Dialect, Op, SqlStore
+from tether._store.sql import SqlStore
+from tether._store.sql_statements import Dialect, Op
 from tether._store.sqlite_batches import BatchWriter, Outcome, Request, connect, store_error
 from tether._store.sqlite_wakeup import CommitWakeup
 from tether._store.sqlite_writer_process import ProcessWriter, writer_side_store

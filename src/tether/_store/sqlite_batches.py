@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether._store import migrations
-from tether._store.sql import ALL, EXEC, ONE, TOUCH, WRITE, Op, together
+from tether._store.sql import together
+from tether._store.sql_statements import ALL, EXEC, ONE, TOUCH, WRITE, Op
 from tether.exceptions import StoreError
 
 _OPEN_RETRY_SECONDS = 10.0

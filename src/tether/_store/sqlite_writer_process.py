@@ -40,7 +40,8 @@ from typing import Any, cast
 
 import tether._gc_tuning as _gc_tuning
 from tether._store import base
-from tether._store.sql import Dialect, SqlStore
+from tether._store.sql import SqlStore
+from tether._store.sql_statements import Dialect
 from tether._store.sqlite_batches import BatchWriter, Outcome, Request, connect
 from tether.exceptions import StoreError
 
