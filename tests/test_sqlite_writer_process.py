@@ -363,7 +363,7 @@ async def test_a_store_closed_while_its_writer_moves_loses_nothing_acknowledged(
     path = os.path.join(tmp_path, "t.db")
     store = SqliteStore(path)
     await store.start_run(_new_run(-1))
-    store._promotion = asyncio.get_running_loop().create_task(store._promote())
+    store._move = asyncio.get_running_loop().create_task(store._promote())
     writes = [asyncio.create_task(store.start_run(_new_run(i))) for i in range(300)]
     await asyncio.sleep(close_after)
     await store.close()
@@ -431,5 +431,119 @@ async def test_a_move_cancelled_halfway_still_finishes(tmp_path: Path) -> None:
         await asyncio.wait_for(store.start_run(_new_run(3)), 10)
         assert store.process_writer is not None and not store._writer_thread.is_alive()
         assert len(await store.list_runs("default")) == 5
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def quick_to_move_back(quick_to_move: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A moved writer moves back after two windows of 50 ms with 1 to 19 writes each."""
+    monkeypatch.setattr(sqlite_module, "_LIGHT_WRITES_PER_S", (20, 400))
+    monkeypatch.setattr(sqlite_module, "_DEMOTE_AFTER_S", 0.1)
+
+
+async def test_a_moved_writer_moves_back_into_a_thread_when_the_load_is_light(
+    tmp_path: Path, quick_to_move_back: None
+) -> None:
+    """After the burst, sequential work brings the writer back into a thread (no hop
+    between processes per write); writes before, during and after keep their order."""
+    store = SqliteStore(os.path.join(tmp_path, "t.db"))
+    try:
+        await store.start_run(_new_run(-1))
+        moved = asyncio.Event()
+        mover = asyncio.create_task(_load(store, range(20_000), moved))
+        while store.process_writer is None:
+            await asyncio.sleep(0.01)
+        child = store.process_writer.pid
+        moved.set()
+        started = await mover
+        signals_sent = 0
+        deadline = time.monotonic() + 10
+        while store.process_writer is not None and time.monotonic() < deadline:
+            await store.signal_run("default", "wf-1", None, "n", [signals_sent], 1e6)
+            signals_sent += 1
+            await asyncio.sleep(0.01)  # about 100 writes a second: light
+        assert store.process_writer is None and store._writer_thread.is_alive()
+        for _ in range(20):  # and after the move
+            await store.signal_run("default", "wf-1", None, "n", [signals_sent], 1e6)
+            signals_sent += 1
+        assert child is not None and not _alive(child)
+        assert len(await store.list_runs("default", limit=100_000)) == started + 1
+        history = await store.read_history("run--1")
+        sent = [e.data["args"][0] for e in history if e.type == "SignalReceived"]
+        assert sent == list(range(signals_sent))
+    finally:
+        await store.close()
+
+
+async def test_an_idle_moved_writer_keeps_its_process(
+    tmp_path: Path, quick_to_move_back: None
+) -> None:
+    """Idle is not light: a burst that follows an idle spell finds the process ready."""
+    store = SqliteStore(os.path.join(tmp_path, "t.db"))
+    try:
+        await store.start_run(_new_run(-1))
+        await store._promote()
+        assert store.process_writer is not None
+        await asyncio.sleep(0.5)  # ten windows without a write
+        assert store.process_writer is not None and store.process_writer.pid is not None
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("close_after", [0.0, 0.02, 0.5])
+@pytest.mark.parametrize("from_other_loop", [False, True])
+async def test_a_store_closed_while_its_writer_moves_back_loses_nothing_acknowledged(
+    tmp_path: Path, close_after: float, from_other_loop: bool
+) -> None:
+    """Closing (from its own loop or another) while the writer moves back into a
+    thread: every write was either acknowledged and is in the file, or failed; none is
+    left waiting, and no writer process is left behind."""
+    path = os.path.join(tmp_path, "t.db")
+    store = SqliteStore(path)
+    await store.start_run(_new_run(-1))
+    await store._promote()
+    assert store.process_writer is not None
+    writes = [asyncio.ensure_future(store.start_run(_new_run(i))) for i in range(150)]
+    store._move = asyncio.get_running_loop().create_task(store._demote())
+    writes += [asyncio.ensure_future(store.start_run(_new_run(i))) for i in range(150, 300)]
+    await asyncio.sleep(close_after)
+    if from_other_loop:
+        await asyncio.get_running_loop().run_in_executor(None, asyncio.run, store.close())
+    else:
+        await store.close()
+    outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+    failed = {i for i, o in enumerate(outcomes) if isinstance(o, BaseException)}
+    for i in failed:
+        assert isinstance(outcomes[i], StoreError), outcomes[i]
+    await asyncio.wait_for(asyncio.gather(store._move, return_exceptions=True), 10)
+    deadline = time.monotonic() + 5
+    while _writer_children() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert _writer_children() == []
+    reopened = SqliteStore(path, writer="thread")
+    try:
+        in_file = {r.run_id for r in await reopened.list_runs("default", limit=1000)}
+    finally:
+        await reopened.close()
+    acknowledged = {f"run-{i}" for i in range(300) if i not in failed}
+    assert acknowledged | {"run--1"} <= in_file
+
+
+async def test_closing_the_writer_process_twice_waits_for_the_first_close(
+    tmp_path: Path,
+) -> None:
+    """A move back into a thread and a store's close may both close the process
+    writer: the second waits for the first, and every write in flight is answered."""
+    store = SqliteStore(os.path.join(tmp_path, "t.db"), writer="process")
+    writer = store.process_writer
+    assert writer is not None
+    try:
+        writes = [asyncio.ensure_future(store.start_run(_new_run(i))) for i in range(300)]
+        await asyncio.sleep(0)  # queued: they go out with the first close
+        await asyncio.wait_for(asyncio.gather(writer.close(), writer.close()), 10)
+        outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+        assert not [o for o in outcomes if isinstance(o, BaseException)]
+        assert writer.pid is None
     finally:
         await store.close()

@@ -59,6 +59,14 @@ a process of its own (sequential work such as one workflow at a time stays far b
 about 1,500 per second)."""
 _PROMOTE_AFTER_S = 2
 """For this many consecutive seconds."""
+_LIGHT_WRITES_PER_S = (20, 2500)
+"""A moved writer goes back to a thread once the write load stays within these bounds
+(per second): work is going on, and little enough that a hop between processes per write
+costs its callers more than a shared core does. An idle store (below the first) keeps
+its process: nobody waits on it, and a burst that follows an idle spell (timers that fall
+due together) finds it ready."""
+_DEMOTE_AFTER_S = 10
+"""For this many consecutive seconds."""
 _LOAD_WINDOW_S = 1.0
 _CLOSE_THERE_S = 5.0
 """How long a close from another event loop waits for the writer's own loop to close
@@ -178,21 +186,26 @@ class SqliteStore(SqlStore):
         """Move the writer into a process once the write load stays high (``_promote``)."""
         self._writes_counted = 0
         self._loaded_windows = 0
+        """Windows in a row past the load that moves the writer (either way)."""
         self._load_check: asyncio.TimerHandle | None = None
-        self._promotion: asyncio.Task[None] | None = None
+        self._move: asyncio.Task[None] | None = None
+        """The writer's move into a process or back into a thread, while it runs."""
         self._held: list[_Op] | None = None
         """While the writer moves: the writes that wait for the move to finish."""
         self._switch_lock = threading.Lock()
         """Guards the choice of where a write goes against the move (``_held``)."""
-        if writer == "process":
-            # (The reader's connection creates and migrates the file.)
-            self._open_thread(self._run_reader, "reader", self._prepare_reader)
-            self._open_process_writer()
-            return
-        self._open_thread(self._run_writer, "writer", self._prepare_writer)
-        self._writer_thread = self._threads[-1]
-        if not in_memory:
-            self._open_thread(self._run_reader, "reader", self._prepare_reader)
+        try:
+            if writer == "process":
+                # (The reader's connection creates and migrates the file.)
+                self._open_thread(self._run_reader, "reader", self._prepare_reader)
+                self.process_writer, self._process_wakeup = self._new_process_writer()
+                return
+            self._open_writer_thread()
+            if not in_memory:
+                self._open_thread(self._run_reader, "reader", self._prepare_reader)
+        except StoreError:
+            self._shutdown_threads()
+            raise
 
     def __reduce__(self) -> tuple[Callable[[], SqlStore], tuple[()]]:
         # Operations sent to the writer process (``partial``s of this store's methods)
@@ -235,7 +248,6 @@ class SqliteStore(SqlStore):
         thread.start()
         ready.wait()
         if failure:
-            self._shutdown_threads()
             raise StoreError(
                 f"cannot open SQLite store {self.path!r}: {failure[0]}", retryable=False
             )
@@ -310,6 +322,10 @@ class SqliteStore(SqlStore):
         self.stats["loop_reads"] += 1
         op.fut.set_result(value)
         return True
+
+    def _open_writer_thread(self) -> None:
+        self._open_thread(self._run_writer, "writer", self._prepare_writer)
+        self._writer_thread = self._threads[-1]
 
     def _prepare_writer(self, conn: sqlite3.Connection) -> None:
         # Before the store is returned: its first write may already commit on the loop.
@@ -387,13 +403,6 @@ class SqliteStore(SqlStore):
         for op in batch:
             self._writes.put(op)
 
-    def _open_process_writer(self) -> None:
-        try:
-            self.process_writer, self._process_wakeup = self._new_process_writer()
-        except StoreError:
-            self._shutdown_threads()
-            raise
-
     def _new_process_writer(self) -> tuple[ProcessWriter, CommitWakeup]:
         wakeup = CommitWakeup(self.path, self._waiters.notify, self._poll_interval)
         try:
@@ -407,23 +416,37 @@ class SqliteStore(SqlStore):
             raise
         return writer, wakeup
 
-    # -- writer="auto": from the thread to a process under sustained load ---------------
+    # -- writer="auto": into a process under sustained load, and back ------------------
     def _check_load(self) -> None:
         """Once a window (on the home loop): count the writes, and move the writer into
-        a process after ``_PROMOTE_AFTER_S`` loaded windows in a row. In one process the
-        writer thread and the event loop share the GIL, so a busy worker uses one core;
-        sequential work keeps the thread, whose commits need no hop between processes."""
+        a process after ``_PROMOTE_AFTER_S`` loaded windows in a row, or back into a
+        thread after ``_DEMOTE_AFTER_S`` light ones. In one process the writer thread and
+        the event loop share the GIL, so a busy worker uses one core; sequential work
+        is better off with the thread, whose commits need no hop between processes."""
         if self._closed:
             return
-        count, self._writes_counted = self._writes_counted, 0
-        if count >= _PROMOTE_WRITES_PER_S * _LOAD_WINDOW_S:
-            self._loaded_windows += 1
+        rate = self._writes_counted / _LOAD_WINDOW_S
+        self._writes_counted = 0
+        if self.process_writer is None:
+            move, after = rate >= _PROMOTE_WRITES_PER_S, _PROMOTE_AFTER_S
         else:
+            move, after = _LIGHT_WRITES_PER_S[0] <= rate < _LIGHT_WRITES_PER_S[1], _DEMOTE_AFTER_S
+        self._loaded_windows = self._loaded_windows + 1 if move else 0
+        loop = asyncio.get_running_loop()
+        if self._loaded_windows >= after / _LOAD_WINDOW_S:
             self._loaded_windows = 0
-        if self._loaded_windows >= _PROMOTE_AFTER_S / _LOAD_WINDOW_S:
-            self._promotion = asyncio.get_running_loop().create_task(self._promote())
+            self._move = loop.create_task(
+                self._promote() if self.process_writer is None else self._demote()
+            )
             return
-        self._load_check = asyncio.get_running_loop().call_later(_LOAD_WINDOW_S, self._check_load)
+        self._load_check = loop.call_later(_LOAD_WINDOW_S, self._check_load)
+
+    def _watch_load(self) -> None:
+        """After a move: count the load again (on the home loop), unless closed."""
+        if not self._closed:
+            self._load_check = asyncio.get_running_loop().call_later(
+                _LOAD_WINDOW_S, self._check_load
+            )
 
     async def _promote(self) -> None:
         """Move the writer from its thread into a process of its own. Writes that come
@@ -464,8 +487,52 @@ class SqliteStore(SqlStore):
                     writer.submit(op, loop)
                 self.process_writer, self._process_wakeup = writer, wakeup
                 logger.info("SQLite store %s moved its writer into a process", self.path)
+                self._watch_load()
                 return
         await self._discard(writer, wakeup, held)
+
+    async def _demote(self) -> None:
+        """Move the writer from its process back into a thread. The thread starts first
+        (if it cannot, the process stays); then writes that come meanwhile wait
+        (``_held``) until the process has answered everything sent before them, and go
+        to the thread in the order they came. A close meanwhile fails them as never
+        started."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self._open_writer_thread)
+        except StoreError as e:
+            logger.warning("SQLite store %s keeps its writer process: %s", self.path, e)
+            self._watch_load()
+            return
+        with self._switch_lock:
+            if self._closed:
+                return  # (close stops the new thread with the others)
+            self._held = []
+        # Writes handed over from other loops before that are in this loop's queue:
+        # they reach the process before it closes (they are older than the held ones).
+        await asyncio.sleep(0)
+        await asyncio.shield(self._finish_demotion())
+
+    async def _finish_demotion(self) -> None:
+        writer = self.process_writer
+        assert writer is not None
+        await writer.close()  # sends what it has queued, and every reply comes in
+        with self._switch_lock:
+            held, self._held = self._held or [], None
+            wakeup, self._process_wakeup = self._process_wakeup, None
+            self.process_writer = None
+            closed = self._closed
+            if not closed:
+                for op in held:  # in the order they came, from any loop
+                    self._writes.put(op)
+        if wakeup is not None:  # (a close from another loop may have taken it)
+            wakeup.close()
+        if closed:  # the thread may be stopping already: they never started
+            error = StoreError("the store is closed", retryable=False)
+            _deliver(held, [(False, error)] * len(held))
+            return
+        logger.info("SQLite store %s moved its writer back into a thread", self.path)
+        self._watch_load()
 
     @staticmethod
     async def _discard(writer: ProcessWriter, wakeup: CommitWakeup, held: list[_Op]) -> None:
@@ -508,16 +575,17 @@ class SqliteStore(SqlStore):
         if not writes:
             if not self._read_on_loop(op, loop):
                 self._reads.put(op)
-        elif self.process_writer is not None:
-            self.process_writer.submit(op, loop)
         else:
-            with self._switch_lock:  # (uncontended but for a move in progress)
+            # Where the write goes is decided under the lock (uncontended but for a move),
+            # so that a move sees every write either handed to the writer it replaces or
+            # held for the next one.
+            with self._switch_lock:
+                self._writes_counted += 1
                 if self._held is not None:
                     self._held.append(op)
                 elif self.process_writer is not None:
                     self.process_writer.submit(op, loop)
                 else:
-                    self._writes_counted += 1
                     self._queue_write(op, loop)
         return fut
 
@@ -541,9 +609,9 @@ class SqliteStore(SqlStore):
         if loop is self._home_loop:
             if self._load_check is not None:
                 self._load_check.cancel()
-            if self._promotion is not None:
+            if self._move is not None:
                 # It stops at its next step (its held writes fail as never started).
-                await asyncio.gather(self._promotion, return_exceptions=True)
+                await asyncio.gather(self._move, return_exceptions=True)
             self._flush_on_loop(closing=True)  # accepted before the close: to the thread
         elif self._home_loop is not None:
             try:  # its writes not yet handed over fail as never started
@@ -563,8 +631,10 @@ class SqliteStore(SqlStore):
                     except TimeoutError:  # that loop is blocked (on this close, perhaps)
                         await writer.close()
         finally:
-            if self._process_wakeup is not None:
-                self._process_wakeup.close()
+            with self._switch_lock:  # (a move back into a thread may close it too)
+                wakeup, self._process_wakeup = self._process_wakeup, None
+            if wakeup is not None:
+                wakeup.close()
             self._shutdown_threads()
         for thread in self._threads:
             await loop.run_in_executor(None, thread.join)

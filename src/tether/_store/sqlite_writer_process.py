@@ -94,6 +94,8 @@ class ProcessWriter:
         self._idle_handle: asyncio.TimerHandle | None = None
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+        """Done once a close on the writer's loop has finished."""
         self._proc, self._sock = _spawn(path)
 
     @property
@@ -280,7 +282,12 @@ class ProcessWriter:
             self._drained.set_result(None)
 
     async def close(self) -> None:
-        """Send what is queued, let the child answer everything, then stop it."""
+        """Send what is queued, let the child answer everything, then stop it. A second
+        close on the writer's loop waits for the first to finish."""
+        if self._closing is not None:
+            if self._loop is asyncio.get_running_loop():
+                await asyncio.shield(self._closing)
+            return
         self._closed = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -297,22 +304,26 @@ class ProcessWriter:
             if self._proc is not None:
                 _reap(self._proc)
             return
-        self._flush()
-        if self._sock is not None:
-            self._drained = self._loop.create_future()
-            self._send(None, pickle.dumps(_STOP))
-            if self._in_flight:  # (empty if the child was lost meanwhile)
-                self._in_flight.pop()  # the stop request gets no answer
-            if self._in_flight:
-                await self._drained
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._loop.remove_writer(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
-        if self._proc is not None:
-            proc, self._proc = self._proc, None
-            await self._loop.run_in_executor(None, _reap, proc)
+        self._closing = self._loop.create_future()
+        try:
+            self._flush()
+            if self._sock is not None:
+                self._drained = self._loop.create_future()
+                self._send(None, pickle.dumps(_STOP))
+                if self._in_flight:  # (empty if the child was lost meanwhile)
+                    self._in_flight.pop()  # the stop request gets no answer
+                if self._in_flight:
+                    await self._drained
+            if self._sock is not None:
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.remove_writer(self._sock.fileno())
+                self._sock.close()
+                self._sock = None
+            if self._proc is not None:
+                proc, self._proc = self._proc, None
+                await self._loop.run_in_executor(None, _reap, proc)
+        finally:
+            self._closing.set_result(None)
 
 
 def _request(batch: list[Request]) -> bytes:
