@@ -10,8 +10,10 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -265,6 +267,12 @@ def _new_run(i: int) -> NewRun:
     )
 
 
+async def _signals_to_first_run(store: SqliteStore) -> list[Any]:
+    """The arguments of the signals run ``run--1`` received, in the order committed."""
+    history = await store.read_history("run--1")
+    return [e.data["args"][0] for e in history if e.type == "SignalReceived"]
+
+
 @pytest.fixture
 def quick_to_move(monkeypatch: pytest.MonkeyPatch) -> None:
     """An auto writer moves after two windows of 50 ms with 20 writes or more each."""
@@ -315,9 +323,7 @@ async def test_an_auto_writer_moves_into_a_process_under_load_in_order(
         assert not store._writer_thread.is_alive()
         runs = await store.list_runs("default", limit=100_000)
         assert len(runs) == started + 1
-        history = await store.read_history("run--1")
-        sent = [e.data["args"][0] for e in history if e.type == "SignalReceived"]
-        assert sent == list(range(signals_sent))
+        assert await _signals_to_first_run(store) == list(range(signals_sent))
     finally:
         await store.close()
 
@@ -469,9 +475,7 @@ async def test_a_moved_writer_moves_back_into_a_thread_when_the_load_is_light(
             signals_sent += 1
         assert child is not None and not _alive(child)
         assert len(await store.list_runs("default", limit=100_000)) == started + 1
-        history = await store.read_history("run--1")
-        sent = [e.data["args"][0] for e in history if e.type == "SignalReceived"]
-        assert sent == list(range(signals_sent))
+        assert await _signals_to_first_run(store) == list(range(signals_sent))
     finally:
         await store.close()
 
@@ -547,3 +551,88 @@ async def test_closing_the_writer_process_twice_waits_for_the_first_close(
         assert writer.pid is None
     finally:
         await store.close()
+
+
+async def test_the_loop_never_commits_ahead_of_writes_the_thread_has_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write handed to the writer thread (the loop was busy) and taken from its queue
+    but not committed yet: a later write from the same loop, flushed when the loop is
+    idle, must not commit on the loop ahead of it."""
+    drain = SqliteStore._drain
+
+    def slow_drain(q: Any, first: Any) -> Any:
+        taken = drain(q, first)
+        if threading.current_thread().name == "tether-sqlite-writer":
+            time.sleep(0.05)  # between taking the batch and committing it
+        return taken
+
+    monkeypatch.setattr(SqliteStore, "_drain", staticmethod(slow_drain))
+    store = SqliteStore(os.path.join(tmp_path, "t.db"), writer="thread")
+    try:
+        await store.start_run(_new_run(-1))
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(store.signal_run("default", "wf-1", None, "n", ["A"], 1e6))
+
+        def busy(n: int = 3) -> None:  # the loop is not idle when A is flushed
+            if n:
+                loop.call_soon(busy, n - 1)
+
+        busy()
+        await asyncio.sleep(0.01)
+        second = store.signal_run("default", "wf-1", None, "n", ["B"], 1e6)
+        await asyncio.gather(first, second)
+        assert await _signals_to_first_run(store) == ["A", "B"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("direction", ["into a process", "back into a thread"])
+def test_a_move_cut_short_by_its_loop_ending_leaves_a_working_writer(
+    tmp_path: Path, direction: str
+) -> None:
+    """The home loop ends in the middle of a move (asyncio.run cancels every task, the
+    shielded ones too): no write is left waiting, and the store keeps working from
+    another loop with a writer thread, no process left behind."""
+    path = os.path.join(tmp_path, "t.db")
+    holder: dict[str, Any] = {}
+
+    async def home() -> None:
+        store = SqliteStore(path)
+        holder["store"] = store
+        await store.start_run(_new_run(-1))
+        if direction == "into a process":
+            # The thread stops at its next batch, held there until after the loop ends.
+            store._writer_lock.acquire()
+            threading.Timer(0.3, store._writer_lock.release).start()
+        else:
+            await store._promote()
+            assert store.process_writer is not None and store.process_writer.pid is not None
+            child = store.process_writer.pid
+            os.kill(child, signal.SIGSTOP)  # it answers nothing until after the loop ends
+            threading.Timer(0.3, os.kill, (child, signal.SIGCONT)).start()
+        writes = [asyncio.ensure_future(store.start_run(_new_run(i))) for i in range(200)]
+        holder["writes"] = writes
+        move = store._promote() if direction == "into a process" else store._demote()
+        store._move = asyncio.get_running_loop().create_task(move)
+        while store._held is None:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)
+        assert not store._move.done()
+        # Return: the loop ends with the move under way.
+
+    asyncio.run(home())
+    store: SqliteStore = holder["store"]
+    for write in holder["writes"]:
+        assert write.done()  # committed, failed, or cancelled with the loop: none waiting
+    assert store._held is None and store.process_writer is None
+
+    async def elsewhere() -> None:
+        try:
+            outcome = await asyncio.wait_for(store.start_run(_new_run(1000)), 10)
+            assert outcome.created
+        finally:
+            await asyncio.wait_for(store.close(), 10)
+
+    asyncio.run(elsewhere())
+    assert _writer_children() == []

@@ -165,6 +165,11 @@ class SqliteStore(SqlStore):
         self._writer_lock = threading.Lock()
         """Held by whoever uses the writer's connection: its thread, or the event loop
         committing inline (``_flush_on_loop``)."""
+        self._unfinished = 0
+        """Writes handed to the writer thread that it has not committed yet (taken from
+        its queue or not): while there are any, the event loop must not commit writes
+        itself, which would overtake them. Changed under ``_unfinished_lock``."""
+        self._unfinished_lock = threading.Lock()
         self._on_loop: list[_Op] = []
         """Writes queued during this pass of ``_home_loop``, for ``_flush_on_loop``."""
         self._home_loop: asyncio.AbstractEventLoop | None = None
@@ -350,6 +355,8 @@ class SqliteStore(SqlStore):
                 with self._writer_lock:
                     done = writer.run(batch)
                     self.stats["thread_batches"] += 1  # before callers can see it done
+                    with self._unfinished_lock:
+                        self._unfinished -= sum(op.writes for op in batch)
                     self._replied(wakeup, batch, *done)
                 if stop:
                     return
@@ -357,6 +364,13 @@ class SqliteStore(SqlStore):
             with self._writer_lock:
                 self._writer = None  # no more commits on the loop: the connection closes
                 wakeup.close()
+
+    def _to_thread(self, ops: Sequence[_Op]) -> None:
+        """Queue ``ops`` for the writer thread, in order (``_unfinished`` counts them)."""
+        with self._unfinished_lock:
+            self._unfinished += len(ops)
+            for op in ops:
+                self._writes.put(op)
 
     def _queue_write(self, op: _Op, loop: asyncio.AbstractEventLoop) -> None:
         """Writes of one event loop wait for the end of its pass (``_flush_on_loop``);
@@ -368,7 +382,7 @@ class SqliteStore(SqlStore):
                     if self._auto:
                         self._load_check = loop.call_later(_LOAD_WINDOW_S, self._check_load)
         if loop is not self._home_loop or self._writer is None:
-            self._writes.put(op)
+            self._to_thread([op])
             return
         self._on_loop.append(op)
         if len(self._on_loop) == 1:
@@ -391,7 +405,9 @@ class SqliteStore(SqlStore):
         idle = _loop_idle(asyncio.get_running_loop()) and self._writes.empty()
         if idle and not self._closed and self._writer_lock.acquire(blocking=False):
             try:
-                if self._writer is not None:
+                # (Under the lock the thread is between batches: nothing it took from
+                # its queue is left uncommitted unless ``_unfinished`` says so.)
+                if self._writer is not None and self._unfinished == 0:
                     writer, wakeup = self._writer
                     done = writer.run_unless_locked(batch)
                     if done is not None:
@@ -400,8 +416,7 @@ class SqliteStore(SqlStore):
                         return
             finally:
                 self._writer_lock.release()
-        for op in batch:
-            self._writes.put(op)
+        self._to_thread(batch)
 
     def _new_process_writer(self) -> tuple[ProcessWriter, CommitWakeup]:
         wakeup = CommitWakeup(self.path, self._waiters.notify, self._poll_interval)
@@ -423,10 +438,10 @@ class SqliteStore(SqlStore):
         thread after ``_DEMOTE_AFTER_S`` light ones. In one process the writer thread and
         the event loop share the GIL, so a busy worker uses one core; sequential work
         is better off with the thread, whose commits need no hop between processes."""
-        if self._closed:
+        if self._closed or (self._move is not None and not self._move.done()):
             return
-        rate = self._writes_counted / _LOAD_WINDOW_S
-        self._writes_counted = 0
+        with self._switch_lock:  # (writes from other threads count too)
+            rate, self._writes_counted = self._writes_counted / _LOAD_WINDOW_S, 0
         if self.process_writer is None:
             move, after = rate >= _PROMOTE_WRITES_PER_S, _PROMOTE_AFTER_S
         else:
@@ -443,6 +458,8 @@ class SqliteStore(SqlStore):
 
     def _watch_load(self) -> None:
         """After a move: count the load again (on the home loop), unless closed."""
+        if self._load_check is not None:
+            self._load_check.cancel()
         if not self._closed:
             self._load_check = asyncio.get_running_loop().call_later(
                 _LOAD_WINDOW_S, self._check_load
@@ -477,6 +494,12 @@ class SqliteStore(SqlStore):
             await loop.run_in_executor(None, self._writer_thread.join)
         except RuntimeError:  # no executor any more (the loop is ending): it is quick
             self._writer_thread.join()
+        except BaseException:
+            # Cancelled even under the shield: the loop is ending. A process bound to
+            # it would serve nobody; a new thread takes the held writes, in order.
+            self._writer_thread.join()
+            self._stay_in_a_thread(writer, wakeup)
+            raise
         with self._switch_lock:
             held, self._held = self._held or [], None
             if not self._closed:
@@ -500,7 +523,7 @@ class SqliteStore(SqlStore):
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, self._open_writer_thread)
-        except StoreError as e:
+        except Exception as e:
             logger.warning("SQLite store %s keeps its writer process: %s", self.path, e)
             self._watch_load()
             return
@@ -508,31 +531,50 @@ class SqliteStore(SqlStore):
             if self._closed:
                 return  # (close stops the new thread with the others)
             self._held = []
-        # Writes handed over from other loops before that are in this loop's queue:
-        # they reach the process before it closes (they are older than the held ones).
-        await asyncio.sleep(0)
+        # Writes handed over from other loops before that (under the lock) are in this
+        # loop's queue already, ahead of the task the shield starts: they reach the
+        # process before it closes, as they are older than the held ones.
         await asyncio.shield(self._finish_demotion())
 
     async def _finish_demotion(self) -> None:
         writer = self.process_writer
         assert writer is not None
-        await writer.close()  # sends what it has queued, and every reply comes in
-        with self._switch_lock:
-            held, self._held = self._held or [], None
-            wakeup, self._process_wakeup = self._process_wakeup, None
-            self.process_writer = None
-            closed = self._closed
-            if not closed:
-                for op in held:  # in the order they came, from any loop
-                    self._writes.put(op)
-        if wakeup is not None:  # (a close from another loop may have taken it)
-            wakeup.close()
+        try:
+            await writer.close()  # sends what it has queued, and every reply comes in
+        finally:  # (cancelled, as the loop ends: its close failed what was in flight)
+            with self._switch_lock:
+                held, self._held = self._held or [], None
+                wakeup, self._process_wakeup = self._process_wakeup, None
+                self.process_writer = None
+                closed = self._closed
+                if not closed:
+                    self._to_thread(held)  # in the order they came, from any loop
+            if wakeup is not None:  # (a close from another loop may have taken it)
+                wakeup.close()
         if closed:  # the thread may be stopping already: they never started
             error = StoreError("the store is closed", retryable=False)
             _deliver(held, [(False, error)] * len(held))
             return
         logger.info("SQLite store %s moved its writer back into a thread", self.path)
         self._watch_load()
+
+    def _stay_in_a_thread(self, writer: ProcessWriter, wakeup: CommitWakeup) -> None:
+        """A move into a process that cannot finish: stop the unused process, start a
+        writer thread again, and hand it the held writes (or fail them if closed)."""
+        writer.abort()
+        wakeup.close()
+        with self._switch_lock:
+            held, self._held = self._held or [], None
+            closed = self._closed
+        if not closed:
+            try:
+                self._open_writer_thread()
+                self._to_thread(held)
+                return
+            except StoreError as e:
+                logger.error("SQLite store %s lost its writer: %s", self.path, e)
+        error = StoreError("the store is closed", retryable=False)
+        _deliver(held, [(False, error)] * len(held))
 
     @staticmethod
     async def _discard(writer: ProcessWriter, wakeup: CommitWakeup, held: list[_Op]) -> None:
@@ -612,6 +654,11 @@ class SqliteStore(SqlStore):
             if self._move is not None:
                 # It stops at its next step (its held writes fail as never started).
                 await asyncio.gather(self._move, return_exceptions=True)
+            with self._switch_lock:
+                held, self._held = self._held, None
+            if held:  # (a move cancelled before it could hand them on)
+                error = StoreError("the store is closed", retryable=False)
+                _deliver(held, [(False, error)] * len(held))
             self._flush_on_loop(closing=True)  # accepted before the close: to the thread
         elif self._home_loop is not None:
             try:  # its writes not yet handed over fail as never started

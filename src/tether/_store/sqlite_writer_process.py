@@ -176,6 +176,10 @@ class ProcessWriter:
         if self._sock is None:
             if batch is None:
                 return  # a poll or the stop: no reason to start a child for them
+            if self._closed:  # aborted: no new child for writes queued before that
+                error = StoreError("the store is closed", retryable=False)
+                self._on_reply(batch, [(False, error) for _ in batch], 0, False)
+                return
             try:
                 self._restart()
             except StoreError as e:
@@ -264,9 +268,9 @@ class ProcessWriter:
         sock, proc = self._sock, self._proc
         self._sock = self._proc = None
         if sock is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(sock.fileno())
-            self._loop.remove_writer(sock.fileno())
+            if self._loop is not None:  # (never bound: a move that did not finish)
+                self._loop.remove_reader(sock.fileno())
+                self._loop.remove_writer(sock.fileno())
             sock.close()
         if proc is not None:
             _reap(proc)
@@ -322,8 +326,23 @@ class ProcessWriter:
             if self._proc is not None:
                 proc, self._proc = self._proc, None
                 await self._loop.run_in_executor(None, _reap, proc)
+        except BaseException:
+            self.abort()  # cancelled midway (the loop ends): done here, not left half-way
+            raise
         finally:
             self._closing.set_result(None)
+
+    def abort(self) -> None:
+        """Stop at once, on the writer's loop or with it stopped: what is in flight
+        fails as lost (it may or may not have committed), the child is reaped."""
+        self._closed = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        self._lost()
+        pending, self._pending = self._pending, []
+        if pending:  # never sent: they never started
+            error = StoreError("the store is closed", retryable=False)
+            self._on_reply(pending, [(False, error) for _ in pending], 0, False)
 
 
 def _request(batch: list[Request]) -> bytes:
@@ -500,7 +519,11 @@ def _serve(path: str, channel: Connection, dialect: Dialect) -> None:
                 if request != _POLL:
                     merged += len(request)
             if requests:
-                channel.send_bytes(_run(writer, requests))
+                reply = _run(writer, requests)
+                try:
+                    channel.send_bytes(reply)
+                except OSError:  # the parent closed its end (it gave these up as lost)
+                    return
             if stop:
                 return
     finally:
