@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,16 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR / "latest.json"
-    print(render(json.loads(path.read_text())))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tables", description="Print the tables of a results file."
+    )
+    parser.add_argument("results", nargs="?", type=Path, default=RESULTS_DIR / "latest.json")
+    path = parser.parse_args().results
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"cannot read results from {path}: {e} (run `make bench` first?)")
+    print(render(document))
 
 
 if __name__ == "__main__":
