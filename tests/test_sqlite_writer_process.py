@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import functools
 import os
 import pickle
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -636,3 +638,73 @@ def test_a_move_cut_short_by_its_loop_ending_leaves_a_working_writer(
 
     asyncio.run(elsewhere())
     assert _writer_children() == []
+
+
+async def test_a_write_queued_while_the_writer_child_is_gone_goes_to_a_new_one(
+    tmp_path: Path,
+) -> None:
+    """The child died; a write accepted before the store's close still commits (a new
+    child starts for it) rather than failing as if the store had been closed."""
+    path = os.path.join(tmp_path, "t.db")
+    store = SqliteStore(path, writer="process")
+    await store.start_run(_new_run(-1))
+    writer = store.process_writer
+    assert writer is not None and writer.pid is not None
+    os.kill(writer.pid, signal.SIGKILL)
+    while writer._sock is not None:
+        await asyncio.sleep(0.01)
+    accepted = asyncio.ensure_future(store.start_run(_new_run(0)))
+    await asyncio.sleep(0)  # queued in the writer, not yet sent
+    await store.close()
+    assert (await accepted).created
+    reopened = SqliteStore(path, writer="thread")
+    try:
+        assert {r.run_id for r in await reopened.list_runs("default")} == {"run--1", "run-0"}
+    finally:
+        await reopened.close()
+
+
+def test_held_writes_of_a_move_cut_short_go_before_later_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The home loop ends mid-move, with a write of another loop held: a write that loop
+    sends after the move gave up still commits after the held one."""
+    path = os.path.join(tmp_path, "t.db")
+    other = asyncio.new_event_loop()
+    threading.Thread(target=other.run_forever, daemon=True).start()
+    holder: dict[str, Any] = {}
+
+    async def home() -> None:
+        store = SqliteStore(path)
+        holder["store"] = store
+        await store.start_run(_new_run(-1))
+        store._writer_lock.acquire()  # the old thread cannot finish before the loop ends
+        store._move = asyncio.get_running_loop().create_task(store._promote())
+        while store._held is None:
+            await asyncio.sleep(0.005)
+        opens = store._open_writer_thread
+        monkeypatch.setattr(store, "_open_writer_thread", lambda: (time.sleep(0.3), opens()))
+
+        async def in_turn() -> list[Any]:
+            first = asyncio.ensure_future(store.start_run(_new_run(1)))
+            await asyncio.sleep(0)
+            assert store._held is not None and len(store._held) == 1  # held by the move
+            while store._held is not None:
+                time.sleep(0.001)  # (blocks this loop: the next write comes right after)
+            second = asyncio.ensure_future(store.start_run(_new_run(2)))
+            return await asyncio.gather(first, second)
+
+        holder["writes"] = asyncio.run_coroutine_threadsafe(in_turn(), other)
+        await asyncio.sleep(0.05)
+        threading.Timer(0.1, store._writer_lock.release).start()
+        # Return: asyncio.run cancels every task, the shielded move too.
+
+    asyncio.run(home())
+    try:
+        assert [o.created for o in holder["writes"].result(10)] == [True, True]
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            order = [r[0] for r in conn.execute("SELECT run_id FROM runs ORDER BY rowid")]
+        assert order == ["run--1", "run-1", "run-2"]
+    finally:
+        asyncio.run(holder["store"].close())
+        other.call_soon_threadsafe(other.stop)

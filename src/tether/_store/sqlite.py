@@ -492,8 +492,10 @@ class SqliteStore(SqlStore):
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, self._writer_thread.join)
-        except RuntimeError:  # no executor any more (the loop is ending): it is quick
+        except RuntimeError:  # no executor any more: the loop is ending (as below)
             self._writer_thread.join()
+            self._stay_in_a_thread(writer, wakeup)
+            return
         except BaseException:
             # Cancelled even under the shield: the loop is ending. A process bound to
             # it would serve nobody; a new thread takes the held writes, in order.
@@ -521,8 +523,27 @@ class SqliteStore(SqlStore):
         to the thread in the order they came. A close meanwhile fails them as never
         started."""
         loop = asyncio.get_running_loop()
+        # If this is cancelled while the thread opens, the thread starts all the same:
+        # whichever of the two comes second stops it (nothing else reads its queue while
+        # the process writes), so that one writer is left.
+        step = threading.Lock()
+        state = {"opened": False, "abandoned": False}
+
+        def open_thread() -> None:
+            self._open_writer_thread()
+            with step:
+                state["opened"] = True
+                if state["abandoned"]:
+                    self._writes.put(None)
+
         try:
-            await loop.run_in_executor(None, self._open_writer_thread)
+            await loop.run_in_executor(None, open_thread)
+        except asyncio.CancelledError:
+            with step:
+                state["abandoned"] = True
+                if state["opened"]:
+                    self._writes.put(None)
+            raise
         except Exception as e:
             logger.warning("SQLite store %s keeps its writer process: %s", self.path, e)
             self._watch_load()
@@ -563,16 +584,21 @@ class SqliteStore(SqlStore):
         writer thread again, and hand it the held writes (or fail them if closed)."""
         writer.abort()
         wakeup.close()
-        with self._switch_lock:
-            held, self._held = self._held or [], None
-            closed = self._closed
-        if not closed:
+        failure: Exception | None = None
+        if not self._closed:
             try:
                 self._open_writer_thread()
+            except Exception as e:
+                failure = e
+        with self._switch_lock:  # held writes go first, before any that comes after
+            held, self._held = self._held or [], None
+            if failure is None and not self._closed:
                 self._to_thread(held)
                 return
-            except StoreError as e:
-                logger.error("SQLite store %s lost its writer: %s", self.path, e)
+            if failure is not None:
+                self._closed = True  # no writer any more: refuse writes, do not queue them
+        if failure is not None:
+            logger.error("SQLite store %s lost its writer: %s", self.path, failure)
         error = StoreError("the store is closed", retryable=False)
         _deliver(held, [(False, error)] * len(held))
 

@@ -95,6 +95,7 @@ class ProcessWriter:
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
+        self._aborted = False
         """Done once a close on the writer's loop has finished."""
         self._proc, self._sock = _spawn(path)
 
@@ -176,7 +177,7 @@ class ProcessWriter:
         if self._sock is None:
             if batch is None:
                 return  # a poll or the stop: no reason to start a child for them
-            if self._closed:  # aborted: no new child for writes queued before that
+            if self._aborted:  # no new child for writes queued before that
                 error = StoreError("the store is closed", retryable=False)
                 self._on_reply(batch, [(False, error) for _ in batch], 0, False)
                 return
@@ -335,7 +336,7 @@ class ProcessWriter:
     def abort(self) -> None:
         """Stop at once, on the writer's loop or with it stopped: what is in flight
         fails as lost (it may or may not have committed), the child is reaped."""
-        self._closed = True
+        self._closed = self._aborted = True
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         self._lost()
@@ -510,8 +511,8 @@ def _serve(path: str, channel: Connection, dialect: Dialect) -> None:
             while not requests or (merged < _MERGE_LIMIT and channel.poll(0)):
                 try:
                     request = pickle.loads(channel.recv_bytes())
-                except EOFError:
-                    return  # the store's process died: nothing is waiting any more
+                except (EOFError, OSError):
+                    return  # the store's process died or gave up: nothing is waiting
                 if request == _STOP:
                     stop = True
                     break
