@@ -648,6 +648,8 @@ class SqliteStore(SqlStore):
             # so that a move sees every write either handed to the writer it replaces or
             # held for the next one.
             with self._switch_lock:
+                if self._closed:  # closed from another thread since ``_starting``
+                    raise StoreError("the store is closed", retryable=False)
                 self._writes_counted += 1
                 if self._held is not None:
                     self._held.append(op)
