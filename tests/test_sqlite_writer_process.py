@@ -362,6 +362,23 @@ def _writer_children() -> list[int]:
     return found
 
 
+async def _writer_children_after(seconds: float) -> list[int]:
+    """The writer children still running after waiting up to ``seconds`` for them to go."""
+    deadline = time.monotonic() + seconds
+    while _writer_children() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return _writer_children()
+
+
+async def _runs_in_file(path: str) -> set[str]:
+    """The ids of the runs in the store file at ``path``, read by a store of its own."""
+    reopened = SqliteStore(path, writer="thread")
+    try:
+        return {r.run_id for r in await reopened.list_runs("default", limit=100_000)}
+    finally:
+        await reopened.close()
+
+
 @pytest.mark.parametrize("close_after", [0.0, 0.05, 0.5])
 async def test_a_store_closed_while_its_writer_moves_loses_nothing_acknowledged(
     tmp_path: Path, close_after: float
@@ -379,15 +396,8 @@ async def test_a_store_closed_while_its_writer_moves_loses_nothing_acknowledged(
     failed = {i for i, o in enumerate(outcomes) if isinstance(o, BaseException)}
     for i in failed:
         assert isinstance(outcomes[i], StoreError) and "closed" in str(outcomes[i])
-    deadline = time.monotonic() + 5
-    while _writer_children() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert _writer_children() == []
-    reopened = SqliteStore(path, writer="thread")
-    try:
-        in_file = {r.run_id for r in await reopened.list_runs("default", limit=1000)}
-    finally:
-        await reopened.close()
+    assert await _writer_children_after(5) == []
+    in_file = await _runs_in_file(path)
     assert in_file == {"run--1"} | {f"run-{i}" for i in range(300) if i not in failed}
 
 
@@ -410,11 +420,7 @@ async def test_a_moved_writer_runs_on_the_home_loop_and_closes_from_any_loop(
     await closer
     acknowledged = {f"run-{i}" for i, o in enumerate(outcomes) if not isinstance(o, Exception)}
     assert all(isinstance(o, StoreError) for o in outcomes if isinstance(o, Exception))
-    reopened = SqliteStore(path, writer="thread")
-    try:
-        in_file = {r.run_id for r in await reopened.list_runs("default", limit=2000)}
-    finally:
-        await reopened.close()
+    in_file = await _runs_in_file(path)
     assert acknowledged | {"run--1"} <= in_file
 
 
@@ -523,15 +529,8 @@ async def test_a_store_closed_while_its_writer_moves_back_loses_nothing_acknowle
     for i in failed:
         assert isinstance(outcomes[i], StoreError), outcomes[i]
     await asyncio.wait_for(asyncio.gather(store._move, return_exceptions=True), 10)
-    deadline = time.monotonic() + 5
-    while _writer_children() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert _writer_children() == []
-    reopened = SqliteStore(path, writer="thread")
-    try:
-        in_file = {r.run_id for r in await reopened.list_runs("default", limit=1000)}
-    finally:
-        await reopened.close()
+    assert await _writer_children_after(5) == []
+    in_file = await _runs_in_file(path)
     acknowledged = {f"run-{i}" for i in range(300) if i not in failed}
     assert acknowledged | {"run--1"} <= in_file
 
@@ -657,11 +656,7 @@ async def test_a_write_queued_while_the_writer_child_is_gone_goes_to_a_new_one(
     await asyncio.sleep(0)  # queued in the writer, not yet sent
     await store.close()
     assert (await accepted).created
-    reopened = SqliteStore(path, writer="thread")
-    try:
-        assert {r.run_id for r in await reopened.list_runs("default")} == {"run--1", "run-0"}
-    finally:
-        await reopened.close()
+    assert await _runs_in_file(path) == {"run--1", "run-0"}
 
 
 def test_held_writes_of_a_move_cut_short_go_before_later_ones(

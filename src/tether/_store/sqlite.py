@@ -118,6 +118,12 @@ def _deliver(batch: Sequence[Request], outcomes: list[Outcome]) -> None:
             pass  # the caller's loop has closed; nobody is waiting
 
 
+def _never_started(ops: Sequence[Request]) -> None:
+    """Fail ``ops`` as never started: the store closed before they were handed on."""
+    error = StoreError("the store is closed", retryable=False)
+    _deliver(ops, [(False, error)] * len(ops))
+
+
 def _loop_idle(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether ``loop`` has no other callback ready to run. CPython's loops keep them in
     ``_ready``; another loop counts as busy (work is handed to the store's threads)."""
@@ -399,8 +405,7 @@ class SqliteStore(SqlStore):
         if not batch:
             return
         if self._closed and not closing:  # closed from another loop: never started
-            error = StoreError("the store is closed", retryable=False)
-            _deliver(batch, [(False, error)] * len(batch))
+            _never_started(batch)
             return
         idle = _loop_idle(asyncio.get_running_loop()) and self._writes.empty()
         if idle and not self._closed and self._writer_lock.acquire(blocking=False):
@@ -573,8 +578,7 @@ class SqliteStore(SqlStore):
             if wakeup is not None:  # (a close from another loop may have taken it)
                 wakeup.close()
         if closed:  # the thread may be stopping already: they never started
-            error = StoreError("the store is closed", retryable=False)
-            _deliver(held, [(False, error)] * len(held))
+            _never_started(held)
             return
         logger.info("SQLite store %s moved its writer back into a thread", self.path)
         self._watch_load()
@@ -599,14 +603,12 @@ class SqliteStore(SqlStore):
                 self._closed = True  # no writer any more: refuse writes, do not queue them
         if failure is not None:
             logger.error("SQLite store %s lost its writer: %s", self.path, failure)
-        error = StoreError("the store is closed", retryable=False)
-        _deliver(held, [(False, error)] * len(held))
+        _never_started(held)
 
     @staticmethod
     async def _discard(writer: ProcessWriter, wakeup: CommitWakeup, held: list[_Op]) -> None:
         """The store closed during the move: fail ``held``, stop the unused process."""
-        error = StoreError("the store is closed", retryable=False)
-        _deliver(held, [(False, error)] * len(held))
+        _never_started(held)
         await writer.close()
         wakeup.close()
 
@@ -685,8 +687,7 @@ class SqliteStore(SqlStore):
             with self._switch_lock:
                 held, self._held = self._held, None
             if held:  # (a move cancelled before it could hand them on)
-                error = StoreError("the store is closed", retryable=False)
-                _deliver(held, [(False, error)] * len(held))
+                _never_started(held)
             self._flush_on_loop(closing=True)  # accepted before the close: to the thread
         elif self._home_loop is not None:
             try:  # its writes not yet handed over fail as never started

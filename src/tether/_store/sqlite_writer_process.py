@@ -95,8 +95,9 @@ class ProcessWriter:
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
-        self._aborted = False
         """Done once a close on the writer's loop has finished."""
+        self._aborted = False
+        """Stopped by ``abort``: no new child starts for what was queued before."""
         self._proc, self._sock = _spawn(path)
 
     @property
@@ -137,8 +138,7 @@ class ProcessWriter:
 
     def _queue(self, op: Request) -> None:
         if self._closed:  # (handed over from another loop as the store closed)
-            error = StoreError("the store is closed", retryable=False)
-            self._on_reply([op], [(False, error)], 0, False)
+            self._never_started([op])
             return
         self._pending.append(op)
         if len(self._pending) >= _FLUSH_EVERY:
@@ -178,8 +178,7 @@ class ProcessWriter:
             if batch is None:
                 return  # a poll or the stop: no reason to start a child for them
             if self._aborted:  # no new child for writes queued before that
-                error = StoreError("the store is closed", retryable=False)
-                self._on_reply(batch, [(False, error) for _ in batch], 0, False)
+                self._never_started(batch)
                 return
             try:
                 self._restart()
@@ -342,8 +341,11 @@ class ProcessWriter:
         self._lost()
         pending, self._pending = self._pending, []
         if pending:  # never sent: they never started
-            error = StoreError("the store is closed", retryable=False)
-            self._on_reply(pending, [(False, error) for _ in pending], 0, False)
+            self._never_started(pending)
+
+    def _never_started(self, batch: list[Request]) -> None:
+        error = StoreError("the store is closed", retryable=False)
+        self._on_reply(batch, [(False, error) for _ in batch], 0, False)
 
 
 def _request(batch: list[Request]) -> bytes:
