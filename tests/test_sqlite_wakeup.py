@@ -265,3 +265,78 @@ def test_kinds_refused_by_a_full_queue_are_sent_later(tmp_path: Path) -> None:
     finally:
         busy.close()
         sender.close()
+
+
+def test_a_running_loop_takes_wake_ups_itself_until_it_closes(tmp_path: Path) -> None:
+    """Attached, the loop reads the socket (one thread wake-up per hop, not two); once
+    that loop has closed, the listener thread takes over at the next idle poll."""
+    db = str(tmp_path / "x.db")
+    woken_on: list[str] = []
+    got = threading.Event()
+
+    def on_wake(changes: int) -> None:
+        woken_on.append(threading.current_thread().name)
+        got.set()
+
+    ours = CommitWakeup(db, on_wake, fast_poll=0.01)
+    theirs = CommitWakeup(db, lambda changes: None, fast_poll=0.01)
+
+    async def on_a_loop() -> None:
+        ours.attach(asyncio.get_running_loop())
+        theirs.committed(Change.WORKFLOW_TASK)
+        await eventually(got.is_set)
+
+    try:
+        asyncio.run(on_a_loop())
+        assert woken_on == [threading.current_thread().name]
+        got.clear()
+        ours.polled(changed=False)  # the loop has closed: back to the thread
+        theirs.committed(Change.WORKFLOW_TASK)
+        assert got.wait(5)
+        assert woken_on[1] == "tether-sqlite-wakeup"
+    finally:
+        ours.close()
+        theirs.close()
+    assert not os.path.exists(db + "-wake")
+
+
+async def test_closed_from_another_thread_while_a_loop_watches(tmp_path: Path) -> None:
+    """The watching loop takes its socket out of its selector itself: the next reader
+    registered under the same descriptor number must work."""
+    db = str(tmp_path / "x.db")
+    wakeup = CommitWakeup(db, lambda changes: None, fast_poll=0.01)
+    wakeup.attach(asyncio.get_running_loop())
+    await asyncio.to_thread(wakeup.close)
+    await asyncio.sleep(0)  # the loop's own part of the close
+    left, right = socket.socketpair()  # likely the closed socket's number
+    try:
+        readable = asyncio.Event()
+        asyncio.get_running_loop().add_reader(left, readable.set)
+        right.send(b"x")
+        await asyncio.wait_for(readable.wait(), 5)
+        asyncio.get_running_loop().remove_reader(left)
+    finally:
+        left.close()
+        right.close()
+    assert not os.path.exists(db + "-wake")
+
+
+def test_a_store_used_on_one_loop_then_another_is_woken_on_both(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    store = SqliteStore(str(db), poll_interval=SLOW_POLL)
+    other = SqliteStore(str(db), poll_interval=SLOW_POLL)
+
+    async def woken_by_the_other() -> float:
+        await bound(db, 2)
+        waiter = store.change_waiter(Change.WORKFLOW_TASK)
+        started = time.monotonic()
+        await asyncio.to_thread(asyncio.run, commit(other))
+        await asyncio.wait_for(waiter, SLOW_POLL / 2)
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(woken_by_the_other()) < 1.0
+        assert asyncio.run(woken_by_the_other()) < 1.0  # a new loop: it watches now
+    finally:
+        asyncio.run(store.close())
+        asyncio.run(other.close())

@@ -665,7 +665,16 @@ class SqliteStore(SqlStore):
         return self._submit(make, writes=True, durable=durable)
 
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
-        return self._waiters.add(changes)
+        waiter = self._waiters.add(changes)
+        # The waiting loop watches for other processes' commits itself: one wake-up
+        # per hop instead of the listener thread's and then the loop's.
+        loop = waiter.get_loop()
+        writer = self._writer
+        if writer is not None:
+            writer[1].attach(loop)
+        if self._process_wakeup is not None:
+            self._process_wakeup.attach(loop)
+        return waiter
 
     def _shutdown_threads(self) -> None:
         self._writes.put(None)

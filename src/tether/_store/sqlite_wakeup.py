@@ -18,8 +18,12 @@ every hop between processes. Here each store is *told* instead:
   ones, after the next commit or idle poll. Each peer gets its own sending socket: on
   Linux queued bytes count against the sender's buffer, and a stopped peer must not
   use it up for all.
-- **Listening.** A thread per store sleeps on its socket (no cost while idle), takes
-  everything queued (many commits, one wake-up) and calls ``on_wake``.
+- **Listening.** The event loop that waits for changes watches the socket itself
+  (``attach``): a wake-up then costs one thread wake-up, not two (the listener's,
+  then the loop's), about 60 µs less per hop between processes on a virtual machine.
+  Until a loop attaches, and again once that loop has closed or stopped, a thread per
+  store sleeps on the socket instead (no cost while idle). Either takes everything
+  queued (many commits, one wake-up) and calls ``on_wake``.
 - **Dead peers.** A process killed with SIGKILL leaves its socket file behind;
   sending to it fails with ECONNREFUSED and the sender removes it.
 - **Long paths.** A Unix socket address holds about 104 bytes. When the directory's
@@ -37,6 +41,7 @@ every hop between processes. Here each store is *told* instead:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -49,6 +54,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("tether.store")
 
@@ -69,7 +75,8 @@ class CommitWakeup:
 
     Used by the store's writer thread: ``committed`` after each commit that changed
     something, ``polled`` after each idle ``data_version`` poll, ``poll_interval`` for
-    how long to wait before the next one. ``on_wake`` runs on the listener thread.
+    how long to wait before the next one. ``on_wake`` runs on the listener thread, or
+    on the event loop that ``attach`` named while that loop runs.
     """
 
     def __init__(self, db_path: str, on_wake: Callable[[int], None], fast_poll: float) -> None:
@@ -87,6 +94,10 @@ class CommitWakeup:
         self._sock: socket.socket | None = None
         self._dir_fd = -1
         self._stop_r = self._stop_w = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop watching the socket in place of the listener thread."""
+        self._lock = threading.Lock()
+        """Orders ``attach`` (on a loop) against ``close`` (perhaps on another thread)."""
         if db_path in ("", ":memory:") or not hasattr(socket, "AF_UNIX"):
             return
         self._dir = os.path.realpath(db_path) + "-wake"
@@ -100,7 +111,7 @@ class CommitWakeup:
             self._thread.start()
         except Exception as e:  # any failure here only means polling fast, as before
             logger.debug("no cross-process wake-ups for %s, polling instead: %s", db_path, e)
-            self._release()
+            self._release(self._sock)
 
     @property
     def active(self) -> bool:
@@ -113,6 +124,21 @@ class CommitWakeup:
             return self._fast_poll
         return self._slow_poll
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let ``loop`` (the running loop: call this on its thread) watch the socket in
+        place of the listener thread, unless a running loop does already."""
+        current = self._loop
+        if current is loop or (current is not None and current.is_running()):
+            return  # (the loop watching tells other loops' waiters: ``on_wake`` is thread-safe)
+        with self._lock:
+            if self._sock is None or self._closing:
+                return
+            loop.add_reader(self._sock, self._take_on_loop, loop)
+            self._loop = loop
+            self._nudge()  # the thread stops watching the socket
+        if current is not None and not current.is_closed():
+            current.call_soon_threadsafe(self._stop_watching, current)
+
     def polled(self, changed: bool) -> None:
         """The idle poll ran; ``changed``: it found another connection's commit.
 
@@ -120,6 +146,14 @@ class CommitWakeup:
         us: poll fast for a while. (A commit polled just before its wake-up arrives
         counts too, harmlessly: it only costs fast polling, the old behaviour.)
         """
+        loop = self._loop
+        if loop is not None and not loop.is_running():
+            # That loop has closed or stopped: the thread watches the socket again (a
+            # stopped loop that runs again stops watching at its next wake-up).
+            with self._lock:
+                if self._loop is loop and not self._closing:
+                    self._loop = None
+                    self._nudge()
         received = self._received
         if changed and received == self._received_at_poll:
             self._fast_until = time.monotonic() + FAST_AFTER_MISS
@@ -139,16 +173,34 @@ class CommitWakeup:
         self._send(changes & 0xFF)
 
     def close(self) -> None:
-        if self._sock is None:
-            return
-        self._closing = True
-        os.write(self._stop_w, b"\0")
+        with self._lock:
+            if self._sock is None or self._closing:
+                return
+            self._closing = True
+            sock: socket.socket | None = self._sock
+            loop, self._loop = self._loop, None
+        self._nudge()
         self._thread.join()
         with contextlib.suppress(OSError):
             os.unlink(self._address(self._name))
         with contextlib.suppress(OSError):
             os.rmdir(self._dir)  # only once empty: the last store on the database to close
-        self._release()
+        if sock is not None and loop is not None and not loop.is_closed():
+            # Only that loop may take the socket out of its selector (a closed socket
+            # left in it would break the next reader registered under its number).
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if loop is running:
+                loop.remove_reader(sock)
+            else:
+                try:
+                    loop.call_soon_threadsafe(self._stop_watching, loop, sock)
+                    sock = None  # closed there
+                except RuntimeError:
+                    pass  # it closed meanwhile, and its selector with it
+        self._release(sock)
 
     # -- internals ---------------------------------------------------------------
     def _send(self, changes: int) -> None:
@@ -223,42 +275,81 @@ class CommitWakeup:
             with contextlib.suppress(OSError):
                 os.unlink(self._address(name))
 
+    def _nudge(self) -> None:
+        """Make the listener thread look again at what it should watch (or stop)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._stop_w, b"\0")
+
     def _listen(self) -> None:
         assert self._sock is not None
         sock = self._sock
+        watching = False
         with selectors.DefaultSelector() as selector:
-            selector.register(sock, selectors.EVENT_READ)
             selector.register(self._stop_r, selectors.EVENT_READ)
             while True:
-                selector.select()
+                if watching != (self._loop is None):
+                    watching = not watching
+                    if watching:
+                        selector.register(sock, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(sock)
+                ready = selector.select()
                 if self._closing:
                     return
-                got = False
-                changes = 0
-                try:
-                    while True:  # many commits, one wake-up
-                        for byte in sock.recv(64):
-                            changes |= byte
-                        got = True
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as e:  # never seen; the safety-net poll takes over
-                    logger.debug("wake-up socket %s failed: %s", self._name, e)
+                if any(key.fd == self._stop_r for key, _ in ready):
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._stop_r, 64)
+                if watching and not self._take(sock):
                     return
-                if got:
-                    self._received += 1
-                    try:
-                        self._on_wake(changes)
-                    except Exception:
-                        logger.exception("waking the SQLite store's waiters failed")
 
-    def _release(self) -> None:
-        for sock in self._peers.values():
+    def _take_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        sock = self._sock
+        if sock is None or self._closing or self._loop is not loop:
+            # Detached (closing, or handed back to the thread): stop, or the selector
+            # would report the unread socket again at once.
+            self._stop_watching(loop)
+            return
+        if not self._take(sock):
+            self._stop_watching(loop)
+
+    def _stop_watching(self, loop: asyncio.AbstractEventLoop, sock: Any = None) -> None:
+        """On ``loop``: take the socket out of its selector; close ``sock``, the socket
+        that ``close`` handed over, if given."""
+        watched = self._sock if sock is None else sock
+        if watched is not None and not loop.is_closed():
+            loop.remove_reader(watched)
+        if sock is not None:
             sock.close()
+
+    def _take(self, sock: socket.socket) -> bool:
+        """Take every queued wake-up and tell ``on_wake``; False if the socket failed."""
+        got = False
+        changes = 0
+        try:
+            while True:  # many commits, one wake-up
+                for byte in sock.recv(64):
+                    changes |= byte
+                got = True
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:  # never seen; the safety-net poll takes over
+            logger.debug("wake-up socket %s failed: %s", self._name, e)
+            return False
+        if got:
+            self._received += 1
+            try:
+                self._on_wake(changes)
+            except Exception:
+                logger.exception("waking the SQLite store's waiters failed")
+        return True
+
+    def _release(self, sock: socket.socket | None = None) -> None:
+        for peer in self._peers.values():
+            peer.close()
         self._peers.clear()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if sock is not None:
+            sock.close()
+        self._sock = None
         for fd in (self._dir_fd, self._stop_r, self._stop_w):
             if fd >= 0:
                 os.close(fd)
