@@ -215,9 +215,12 @@ class Client:
         execution = to_seconds(execution_timeout, "execution_timeout")
         run.execution_deadline = None if execution is None else run.now + execution
         await self._check_served(plan.workflow_type, task_queue)
+        closings = self._store.changes_seen(Change.RUN_CLOSED)
         outcome = await self._store.start_run(run)
         handle = WorkflowHandle(self, id, outcome.run_id, plan.result_hint, plan.defn)
         handle._started = True
+        if outcome.created:
+            handle._closings_before_start = closings
         return handle
 
     async def execute_update_with_start(
@@ -564,6 +567,8 @@ class WorkflowHandle:
         self._defn = workflow
         self._started = False
         """Whether ``run_id`` is a run that this handle's client just started."""
+        self._closings_before_start: int | None = None
+        """The store's count of run closings told before this client created the run."""
 
     async def _run(self) -> RunInfo:
         return await self.client.store.get_run(self.client.namespace, self.id, self.run_id)
@@ -596,7 +601,8 @@ class WorkflowHandle:
                     if run is None or run.status == RUNNING:
                         run_id = self.run_id if run is None else run.run_id
                         assert run_id is not None
-                        run = await self.client._closed_watcher.wait(run_id)
+                        closings = self._closings_before_start if run is None else None
+                        run = await self.client._closed_watcher.wait(run_id, closings)
                     elif run.status == CONTINUED_AS_NEW:
                         run = await store.get_run(namespace, self.id, run.next_run_id)
                     else:
@@ -786,13 +792,17 @@ class _ClosedRunWatcher:
         self._added: asyncio.Future[None] | None = None
         """Done when a run was added since the poller's last look (it may be closed)."""
 
-    async def wait(self, run_id: str) -> RunInfo:
-        """Wait until run ``run_id`` closes; return it as it closed."""
+    async def wait(self, run_id: str, closings: int | None = None) -> RunInfo:
+        """Wait until run ``run_id`` closes; return it as it closed. ``closings``: the
+        store's count of closings told (``changes_seen``) before the run was created,
+        if known. While it is unchanged the run cannot have closed yet, and there is
+        nothing to look for until a closing is told (a store read saved per result of
+        a run just started)."""
         fut: asyncio.Future[RunInfo] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(run_id, []).append(fut)
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll())
-        elif self._added is not None and not self._added.done():
+            self._poller = asyncio.create_task(self._poll(closings))
+        elif self._added is not None and not self._added.done() and not self._unchanged(closings):
             self._added.set_result(None)  # look again: it may have closed already
         try:
             return await fut
@@ -803,23 +813,32 @@ class _ClosedRunWatcher:
                 if not futs:
                     del self._waiting[run_id]
 
-    async def _poll(self) -> None:
+    def _unchanged(self, closings: int | None) -> bool:
+        return closings is not None and self._store.changes_seen(Change.RUN_CLOSED) == closings
+
+    async def _poll(self, closings: int | None) -> None:
         while self._waiting:
             change = self._store.change_waiter(Change.RUN_CLOSED)
             self._added = asyncio.get_running_loop().create_future()
+            # (Counted after ``change`` was taken: a closing told since is counted here,
+            # or ``change`` has it.)
+            look = not self._unchanged(closings)
+            closings = None
             try:
-                await self._look(change)
+                await self._look(change, look)
             finally:
                 change.cancel()  # (else it stays registered with the store)
 
-    async def _look(self, change: asyncio.Future[None]) -> None:
-        """Resolve the waiters of runs that closed; then wait for ``change``, a new run to
-        wait for, or 1 s."""
+    async def _look(self, change: asyncio.Future[None], look: bool = True) -> None:
+        """Resolve the waiters of runs that closed (unless ``look`` is off: none can
+        have); then wait for ``change``, a new run to wait for, or 1 s."""
         began = time.monotonic()
-        try:
-            closed = await self._store.closed_runs(list(self._waiting))
-        except StoreError:
-            closed = []
+        closed: list[RunInfo] = []
+        if look:
+            try:
+                closed = await self._store.closed_runs(list(self._waiting))
+            except StoreError:
+                pass
         spent = time.monotonic() - began
         for run in closed:
             for fut in self._waiting.pop(run.run_id, []):

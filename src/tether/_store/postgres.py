@@ -705,6 +705,9 @@ class PostgresStore(SqlStore):
                 write.fut.set_exception(value)
 
     # -- notifications -------------------------------------------------------------------
+    def changes_seen(self, kind: Change) -> int:
+        return self._waiters.seen(kind)
+
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         return self._waiters.add(changes)
 

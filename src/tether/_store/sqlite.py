@@ -664,6 +664,9 @@ class SqliteStore(SqlStore):
     def _submit_write(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
         return self._submit(make, writes=True, durable=durable)
 
+    def changes_seen(self, kind: Change) -> int:
+        return self._waiters.seen(kind)
+
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         waiter = self._waiters.add(changes)
         # The waiting loop watches for other processes' commits itself: one wake-up
