@@ -210,6 +210,16 @@ async def test_result_of_a_run_just_started_reads_nothing_until_a_run_closes(
     repeat = await client.start_workflow(Returns, 9, id="r9", task_queue="test", request_id="once")
     with pytest.raises(WorkflowFailureError):
         await asyncio.wait_for(repeat.result(), 0.5)
+    with pytest.raises(WorkflowFailureError):  # asked again: looked for at once
+        await asyncio.wait_for(repeat.result(), 0.5)
+
+    # Awaited together with a run just started, whose result skips the first look:
+    # the run closed earlier is still looked for at once.
+    fresh = await client.start_workflow(Returns, 10, id="r10", task_queue="test")
+    fresh_result = asyncio.ensure_future(fresh.result())
+    with pytest.raises(WorkflowFailureError):
+        await asyncio.wait_for(handle.result(), 0.5)
+    fresh_result.cancel()
 
 
 @pytest.fixture

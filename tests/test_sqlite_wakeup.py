@@ -269,7 +269,8 @@ def test_kinds_refused_by_a_full_queue_are_sent_later(tmp_path: Path) -> None:
 
 def test_a_running_loop_takes_wake_ups_itself_until_it_closes(tmp_path: Path) -> None:
     """Attached, the loop reads the socket (one thread wake-up per hop, not two); once
-    that loop has closed, the listener thread takes over at the next idle poll."""
+    that loop has closed, the listener thread takes over (it looks every safety-poll
+    interval, whatever the writer does)."""
     db = str(tmp_path / "x.db")
     woken_on: list[str] = []
     got = threading.Event()
@@ -290,7 +291,6 @@ def test_a_running_loop_takes_wake_ups_itself_until_it_closes(tmp_path: Path) ->
         asyncio.run(on_a_loop())
         assert woken_on == [threading.current_thread().name]
         got.clear()
-        ours.polled(changed=False)  # the loop has closed: back to the thread
         theirs.committed(Change.WORKFLOW_TASK)
         assert got.wait(5)
         assert woken_on[1] == "tether-sqlite-wakeup"
@@ -340,3 +340,44 @@ def test_a_store_used_on_one_loop_then_another_is_woken_on_both(tmp_path: Path) 
     finally:
         asyncio.run(store.close())
         asyncio.run(other.close())
+
+
+def test_a_stopped_loop_keeps_no_stale_registration_of_a_closed_socket(tmp_path: Path) -> None:
+    """A loop run step by step (``run_until_complete`` per use, as a test runner with a
+    shared loop does) watched the socket, and the wake-up closed while that loop was
+    stopped: a new socket given the same descriptor number must be watchable on it
+    (a stale registration in the selector would hide it)."""
+    db = str(tmp_path / "x.db")
+    loop = asyncio.new_event_loop()
+    wakeup = CommitWakeup(db, lambda changes: None, fast_poll=0.01)
+    try:
+
+        async def attach() -> None:
+            wakeup.attach(asyncio.get_running_loop())
+
+        loop.run_until_complete(attach())
+        assert wakeup._sock is not None
+        number = wakeup._sock.fileno()
+        wakeup.polled(changed=False)
+        wakeup.close()  # from this thread, while the loop is stopped
+        left, right = socket.socketpair()
+        if left.fileno() == number:
+            reused = left
+        else:  # put a new socket under the closed one's number
+            os.dup2(left.fileno(), number)
+            reused = socket.socket(fileno=number)
+        try:
+
+            async def readable() -> None:
+                ready = asyncio.Event()
+                asyncio.get_running_loop().add_reader(reused, ready.set)
+                right.send(b"x")
+                await asyncio.wait_for(ready.wait(), 5)
+                asyncio.get_running_loop().remove_reader(reused)
+
+            loop.run_until_complete(readable())
+        finally:
+            for sock in {reused, left, right}:
+                sock.close()
+    finally:
+        loop.close()

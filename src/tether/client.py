@@ -602,6 +602,7 @@ class WorkflowHandle:
                         run_id = self.run_id if run is None else run.run_id
                         assert run_id is not None
                         closings = self._closings_before_start if run is None else None
+                        self._closings_before_start = None  # (a second result() looks)
                         run = await self.client._closed_watcher.wait(run_id, closings)
                     elif run.status == CONTINUED_AS_NEW:
                         run = await store.get_run(namespace, self.id, run.next_run_id)
@@ -791,6 +792,12 @@ class _ClosedRunWatcher:
         self._poller: asyncio.Task[None] | None = None
         self._added: asyncio.Future[None] | None = None
         """Done when a run was added since the poller's last look (it may be closed)."""
+        self._owed = False
+        """A run added since the last look may have closed already: the poller's first
+        pass must look (its later passes always do)."""
+        self._since: int | None = None
+        """The oldest ``closings`` of the runs added since the last look that cannot
+        have closed before it (see ``wait``)."""
 
     async def wait(self, run_id: str, closings: int | None = None) -> RunInfo:
         """Wait until run ``run_id`` closes; return it as it closed. ``closings``: the
@@ -800,9 +807,13 @@ class _ClosedRunWatcher:
         a run just started)."""
         fut: asyncio.Future[RunInfo] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(run_id, []).append(fut)
+        if closings is None or self._store.changes_seen(Change.RUN_CLOSED) != closings:
+            self._owed = True
+        elif self._since is None or closings < self._since:
+            self._since = closings
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.create_task(self._poll(closings))
-        elif self._added is not None and not self._added.done() and not self._unchanged(closings):
+            self._poller = asyncio.create_task(self._poll())
+        elif self._owed and self._added is not None and not self._added.done():
             self._added.set_result(None)  # look again: it may have closed already
         try:
             return await fut
@@ -813,17 +824,17 @@ class _ClosedRunWatcher:
                 if not futs:
                     del self._waiting[run_id]
 
-    def _unchanged(self, closings: int | None) -> bool:
-        return closings is not None and self._store.changes_seen(Change.RUN_CLOSED) == closings
-
-    async def _poll(self, closings: int | None) -> None:
+    async def _poll(self) -> None:
+        first = True
         while self._waiting:
             change = self._store.change_waiter(Change.RUN_CLOSED)
             self._added = asyncio.get_running_loop().create_future()
-            # (Counted after ``change`` was taken: a closing told since is counted here,
-            # or ``change`` has it.)
-            look = not self._unchanged(closings)
-            closings = None
+            # (Compared after ``change`` was taken: a closing told since is counted, or
+            # ``change`` has it.)
+            since = self._since
+            look = not first or self._owed or since is None
+            look = look or self._store.changes_seen(Change.RUN_CLOSED) != since
+            first, self._owed, self._since = False, False, None
             try:
                 await self._look(change, look)
             finally:

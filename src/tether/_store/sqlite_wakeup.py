@@ -54,7 +54,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 logger = logging.getLogger("tether.store")
 
@@ -96,6 +95,11 @@ class CommitWakeup:
         self._stop_r = self._stop_w = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop watching the socket in place of the listener thread."""
+        self._watchers: dict[asyncio.AbstractEventLoop, socket.socket] = {}
+        """Loops whose selector holds a registration, each of its own duplicate of the
+        socket: only that loop unregisters and closes it, so no selector ever holds a
+        closed descriptor whose number a new socket could take. (A loop that stopped
+        for good keeps its duplicate open: a leak, not a hazard.)"""
         self._lock = threading.Lock()
         """Orders ``attach`` (on a loop) against ``close`` (perhaps on another thread)."""
         if db_path in ("", ":memory:") or not hasattr(socket, "AF_UNIX"):
@@ -118,6 +122,12 @@ class CommitWakeup:
         return self._sock is not None
 
     @property
+    def hears_all(self) -> bool:
+        """Whether every commit by others is announced as far as we know: wake-ups
+        work, and no commit came unannounced lately (a writer that sends none)."""
+        return self._sock is not None and time.monotonic() >= self._fast_until
+
+    @property
     def poll_interval(self) -> float:
         """Seconds to wait for work before the next ``data_version`` poll."""
         if self._sock is None or time.monotonic() < self._fast_until:
@@ -131,13 +141,21 @@ class CommitWakeup:
         if current is loop or (current is not None and current.is_running()):
             return  # (the loop watching tells other loops' waiters: ``on_wake`` is thread-safe)
         with self._lock:
-            if self._sock is None or self._closing:
+            current = self._loop
+            if self._sock is None or self._closing or current is loop:
                 return
-            loop.add_reader(self._sock, self._take_on_loop, loop)
+            if current is not None and current.is_running():
+                return
+            if loop not in self._watchers:
+                own = self._sock.dup()
+                try:
+                    loop.add_reader(own, self._take_on_loop, loop, own)
+                except BaseException:  # (a loop without add_reader: the thread watches)
+                    own.close()
+                    raise
+                self._watchers[loop] = own
             self._loop = loop
             self._nudge()  # the thread stops watching the socket
-        if current is not None and not current.is_closed():
-            current.call_soon_threadsafe(self._stop_watching, current)
 
     def polled(self, changed: bool) -> None:
         """The idle poll ran; ``changed``: it found another connection's commit.
@@ -146,14 +164,6 @@ class CommitWakeup:
         us: poll fast for a while. (A commit polled just before its wake-up arrives
         counts too, harmlessly: it only costs fast polling, the old behaviour.)
         """
-        loop = self._loop
-        if loop is not None and not loop.is_running():
-            # That loop has closed or stopped: the thread watches the socket again (a
-            # stopped loop that runs again stops watching at its next wake-up).
-            with self._lock:
-                if self._loop is loop and not self._closing:
-                    self._loop = None
-                    self._nudge()
         received = self._received
         if changed and received == self._received_at_poll:
             self._fast_until = time.monotonic() + FAST_AFTER_MISS
@@ -177,30 +187,27 @@ class CommitWakeup:
             if self._sock is None or self._closing:
                 return
             self._closing = True
-            sock: socket.socket | None = self._sock
-            loop, self._loop = self._loop, None
+            self._loop = None
+            watchers = list(self._watchers)
         self._nudge()
         self._thread.join()
         with contextlib.suppress(OSError):
             os.unlink(self._address(self._name))
         with contextlib.suppress(OSError):
             os.rmdir(self._dir)  # only once empty: the last store on the database to close
-        if sock is not None and loop is not None and not loop.is_closed():
-            # Only that loop may take the socket out of its selector (a closed socket
-            # left in it would break the next reader registered under its number).
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if loop is running:
-                loop.remove_reader(sock)
-            else:
-                try:
-                    loop.call_soon_threadsafe(self._stop_watching, loop, sock)
-                    sock = None  # closed there
-                except RuntimeError:
-                    pass  # it closed meanwhile, and its selector with it
-        self._release(sock)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop in watchers:
+            if loop is running or loop.is_closed():
+                self._unwatch(loop)
+                continue
+            try:  # only that loop may take its duplicate out of its selector
+                loop.call_soon_threadsafe(self._unwatch, loop)
+            except RuntimeError:  # it closed meanwhile, and its selector with it
+                self._unwatch(loop)
+        self._release(self._sock)
 
     # -- internals ---------------------------------------------------------------
     def _send(self, changes: int) -> None:
@@ -287,13 +294,21 @@ class CommitWakeup:
         with selectors.DefaultSelector() as selector:
             selector.register(self._stop_r, selectors.EVENT_READ)
             while True:
-                if watching != (self._loop is None):
+                loop = self._loop
+                if loop is not None and not loop.is_running():
+                    # That loop has closed or stopped: watch the socket here again (a
+                    # stopped loop that runs again stops watching at its next wake-up).
+                    with self._lock:
+                        if self._loop is loop:
+                            self._loop = loop = None
+                if watching != (loop is None):
                     watching = not watching
                     if watching:
                         selector.register(sock, selectors.EVENT_READ)
                     else:
                         selector.unregister(sock)
-                ready = selector.select()
+                # While a loop watches, look every safety-poll interval whether it still runs.
+                ready = selector.select(None if watching else SAFETY_POLL)
                 if self._closing:
                     return
                 if any(key.fd == self._stop_r for key, _ in ready):
@@ -302,24 +317,22 @@ class CommitWakeup:
                 if watching and not self._take(sock):
                     return
 
-    def _take_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        sock = self._sock
-        if sock is None or self._closing or self._loop is not loop:
-            # Detached (closing, or handed back to the thread): stop, or the selector
-            # would report the unread socket again at once.
-            self._stop_watching(loop)
-            return
-        if not self._take(sock):
-            self._stop_watching(loop)
+    def _take_on_loop(self, loop: asyncio.AbstractEventLoop, own: socket.socket) -> None:
+        if self._closing or self._loop is not loop or not self._take(own):
+            # Closing, or no longer the loop that watches: stop (else the selector would
+            # report the unread socket again at once).
+            self._unwatch(loop)
 
-    def _stop_watching(self, loop: asyncio.AbstractEventLoop, sock: Any = None) -> None:
-        """On ``loop``: take the socket out of its selector; close ``sock``, the socket
-        that ``close`` handed over, if given."""
-        watched = self._sock if sock is None else sock
-        if watched is not None and not loop.is_closed():
-            loop.remove_reader(watched)
-        if sock is not None:
-            sock.close()
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop`` (or once it has closed): take its duplicate out of its selector
+        and close it."""
+        with self._lock:
+            own = self._watchers.pop(loop, None)
+        if own is None:
+            return
+        if not loop.is_closed():
+            loop.remove_reader(own)
+        own.close()
 
     def _take(self, sock: socket.socket) -> bool:
         """Take every queued wake-up and tell ``on_wake``; False if the socket failed."""
