@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
@@ -58,7 +58,9 @@ class RetryPolicy:
         return float(min(self.initial_interval * self.backoff_coefficient ** (attempt - 1), cap))
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Field by field, not ``dataclasses.asdict``: its recursive copy cost more than
+        # the rest of scheduling an activity (2.8% of a worker's event loop in A).
+        data = {name: getattr(self, name) for name in _RETRY_POLICY_FIELDS}
         data["non_retryable_error_types"] = list(self.non_retryable_error_types)
         return data
 
@@ -66,3 +68,6 @@ class RetryPolicy:
     def from_dict(cls, data: dict[str, Any]) -> RetryPolicy:
         non_retryable = tuple(data["non_retryable_error_types"])
         return cls(**{**data, "non_retryable_error_types": non_retryable})
+
+
+_RETRY_POLICY_FIELDS = tuple(f.name for f in fields(RetryPolicy))

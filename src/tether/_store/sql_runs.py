@@ -165,7 +165,7 @@ class SqlRuns(SqlMessages):
             return True
         if not (yield Stmt(EXEC, insert, row)):
             return False
-        yield touch(Change.WORKFLOW_TASK | (Change.TIMER if deadlines else 0))
+        yield touch(Change.WORKFLOW_TASK | Change.TIMER if deadlines else Change.WORKFLOW_TASK)
         if deadlines:
             # Timer seq 0 is the run's own deadline: firing it closes the run as timed out.
             yield Stmt(

@@ -52,6 +52,11 @@ from tether._store.sql_statements import (
 )
 from tether.exceptions import StaleTaskError, WorkflowAlreadyStartedError
 
+_HISTORY = int(Change.HISTORY)
+_TIMER = int(Change.TIMER)
+_ACTIVITY_TASK = int(Change.ACTIVITY_TASK)
+_CLOSED = int(Change.RUN_CLOSED | Change.UPDATE)
+
 
 class SqlWorkflowTasks(SqlRuns):
     """Claiming workflow tasks and recording their completions."""
@@ -254,11 +259,15 @@ class SqlWorkflowTasks(SqlRuns):
     def _lone_changes(c: WorkflowTaskCompletion, events: int, eager: int) -> int:
         """The kinds of work ``_record_task`` touches for ``c`` when one lone statement
         did all of it (``events`` history events, ``eager`` activities leased)."""
-        changes = Change.HISTORY if events else 0
-        changes |= Change.TIMER if c.timers else 0
-        changes |= Change.ACTIVITY_TASK if eager < len(c.activities) else 0
-        changes |= (Change.RUN_CLOSED | Change.UPDATE) if c.close is not None else 0
-        return int(changes)
+        # (In ints: an ``IntFlag`` operation costs about 1.7 µs, an int's 0.06.)
+        changes = _HISTORY if events else 0
+        if c.timers:
+            changes |= _TIMER
+        if eager < len(c.activities):
+            changes |= _ACTIVITY_TASK
+        if c.close is not None:
+            changes |= _CLOSED
+        return changes
 
     @staticmethod
     def _nothing_after(c: WorkflowTaskCompletion) -> bool:
