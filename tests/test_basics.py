@@ -11,7 +11,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from tether import Worker, WorkflowFailureError, activity, workflow
+from tether import Worker, activity, workflow
 from tether.testing import WorkflowEnvironment
 
 
@@ -175,51 +175,6 @@ async def test_result_of_a_closed_run_is_at_once_while_others_are_awaited(
                 assert await asyncio.wait_for(handle.result(), 0.5) == i
         finally:
             background.cancel()
-
-
-async def test_result_of_a_run_just_started_reads_nothing_until_a_run_closes(
-    env: WorkflowEnvironment, make_worker: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    client = env.client
-    looks: list[list[str]] = []
-    closed_runs = client.store.closed_runs
-
-    async def counted(run_ids: list[str]) -> Any:
-        looks.append(list(run_ids))
-        return await closed_runs(run_ids)
-
-    monkeypatch.setattr(client.store, "closed_runs", counted)
-    handle = await client.start_workflow(Returns, 7, id="r7", task_queue="test")
-    with pytest.raises(TimeoutError):
-        await handle.result(timeout=0.3)
-    assert looks == []  # no run closed since it started: nothing to look for yet
-    async with make_worker(client, workflows=[Returns]):
-        assert await asyncio.wait_for(handle.result(), 5) == 7  # its closing is told
-    assert looks
-
-    # Closed before its result is asked, with no other waiter: looked for at once.
-    looks.clear()
-    handle = await client.start_workflow(Returns, 8, id="r8", task_queue="test")
-    await handle.terminate("closed before anyone asks")
-    with pytest.raises(WorkflowFailureError):
-        await asyncio.wait_for(handle.result(), 0.5)  # not at the 1 s timed look
-    assert looks
-    # A start that returns an existing run (the same request) cannot skip the look.
-    again = await client.start_workflow(Returns, 9, id="r9", task_queue="test", request_id="once")
-    await again.terminate()
-    repeat = await client.start_workflow(Returns, 9, id="r9", task_queue="test", request_id="once")
-    with pytest.raises(WorkflowFailureError):
-        await asyncio.wait_for(repeat.result(), 0.5)
-    with pytest.raises(WorkflowFailureError):  # asked again: looked for at once
-        await asyncio.wait_for(repeat.result(), 0.5)
-
-    # Awaited together with a run just started, whose result skips the first look:
-    # the run closed earlier is still looked for at once.
-    fresh = await client.start_workflow(Returns, 10, id="r10", task_queue="test")
-    fresh_result = asyncio.ensure_future(fresh.result())
-    with pytest.raises(WorkflowFailureError):
-        await asyncio.wait_for(handle.result(), 0.5)
-    fresh_result.cancel()
 
 
 @pytest.fixture

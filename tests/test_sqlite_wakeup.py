@@ -381,3 +381,44 @@ def test_a_stopped_loop_keeps_no_stale_registration_of_a_closed_socket(tmp_path:
                 sock.close()
     finally:
         loop.close()
+
+
+def test_loops_that_came_and_went_leave_no_descriptors_behind(tmp_path: Path) -> None:
+    """A long-lived store waited on from many short-lived loops (``asyncio.run`` per
+    request): each closed loop's duplicate of the socket is closed at the next attach."""
+    store = SqliteStore(str(tmp_path / "store.db"))
+
+    async def wait_a_moment() -> None:
+        waiter = store.change_waiter(Change.WORKFLOW_TASK)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, 0.001)
+
+    try:
+        asyncio.run(wait_a_moment())
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            asyncio.run(wait_a_moment())
+        assert len(os.listdir("/proc/self/fd")) <= before + 1
+    finally:
+        asyncio.run(store.close())
+
+
+async def test_a_wake_up_the_busy_loop_has_not_read_yet_counts_as_announced(
+    tmp_path: Path,
+) -> None:
+    """The writer's idle poll may see another process's commit before the (busy) loop
+    has read that commit's wake-up: a byte waiting in the socket means it was
+    announced, so the store keeps polling slowly."""
+    db = str(tmp_path / "x.db")
+    ours = CommitWakeup(db, lambda changes: None, fast_poll=0.01)
+    theirs = CommitWakeup(db, lambda changes: None, fast_poll=0.01)
+    try:
+        ours.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)  # the listener thread has stopped watching
+        theirs.committed(Change.WORKFLOW_TASK)
+        time.sleep(0.05)  # queued, and this loop is busy: nobody has read it
+        ours.polled(changed=True)
+        assert ours.poll_interval == SAFETY_POLL
+    finally:
+        ours.close()
+        theirs.close()

@@ -215,12 +215,9 @@ class Client:
         execution = to_seconds(execution_timeout, "execution_timeout")
         run.execution_deadline = None if execution is None else run.now + execution
         await self._check_served(plan.workflow_type, task_queue)
-        closings = self._store.changes_seen(Change.RUN_CLOSED)
         outcome = await self._store.start_run(run)
         handle = WorkflowHandle(self, id, outcome.run_id, plan.result_hint, plan.defn)
         handle._started = True
-        if outcome.created:
-            handle._closings_before_start = closings
         return handle
 
     async def execute_update_with_start(
@@ -567,8 +564,6 @@ class WorkflowHandle:
         self._defn = workflow
         self._started = False
         """Whether ``run_id`` is a run that this handle's client just started."""
-        self._closings_before_start: int | None = None
-        """The store's count of run closings told before this client created the run."""
 
     async def _run(self) -> RunInfo:
         return await self.client.store.get_run(self.client.namespace, self.id, self.run_id)
@@ -601,9 +596,7 @@ class WorkflowHandle:
                     if run is None or run.status == RUNNING:
                         run_id = self.run_id if run is None else run.run_id
                         assert run_id is not None
-                        closings = self._closings_before_start if run is None else None
-                        self._closings_before_start = None  # (a second result() looks)
-                        run = await self.client._closed_watcher.wait(run_id, closings)
+                        run = await self.client._closed_watcher.wait(run_id)
                     elif run.status == CONTINUED_AS_NEW:
                         run = await store.get_run(namespace, self.id, run.next_run_id)
                     else:
@@ -792,28 +785,14 @@ class _ClosedRunWatcher:
         self._poller: asyncio.Task[None] | None = None
         self._added: asyncio.Future[None] | None = None
         """Done when a run was added since the poller's last look (it may be closed)."""
-        self._owed = False
-        """A run added since the last look may have closed already: the poller's first
-        pass must look (its later passes always do)."""
-        self._since: int | None = None
-        """The oldest ``closings`` of the runs added since the last look that cannot
-        have closed before it (see ``wait``)."""
 
-    async def wait(self, run_id: str, closings: int | None = None) -> RunInfo:
-        """Wait until run ``run_id`` closes; return it as it closed. ``closings``: the
-        store's count of closings told (``changes_seen``) before the run was created,
-        if known. While it is unchanged the run cannot have closed yet, and there is
-        nothing to look for until a closing is told (a store read saved per result of
-        a run just started)."""
+    async def wait(self, run_id: str) -> RunInfo:
+        """Wait until run ``run_id`` closes; return it as it closed."""
         fut: asyncio.Future[RunInfo] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(run_id, []).append(fut)
-        if closings is None or self._store.changes_seen(Change.RUN_CLOSED) != closings:
-            self._owed = True
-        elif self._since is None or closings < self._since:
-            self._since = closings
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
-        elif self._owed and self._added is not None and not self._added.done():
+        elif self._added is not None and not self._added.done():
             self._added.set_result(None)  # look again: it may have closed already
         try:
             return await fut
@@ -825,31 +804,22 @@ class _ClosedRunWatcher:
                     del self._waiting[run_id]
 
     async def _poll(self) -> None:
-        first = True
         while self._waiting:
             change = self._store.change_waiter(Change.RUN_CLOSED)
             self._added = asyncio.get_running_loop().create_future()
-            # (Compared after ``change`` was taken: a closing told since is counted, or
-            # ``change`` has it.)
-            since = self._since
-            look = not first or self._owed or since is None
-            look = look or self._store.changes_seen(Change.RUN_CLOSED) != since
-            first, self._owed, self._since = False, False, None
             try:
-                await self._look(change, look)
+                await self._look(change)
             finally:
                 change.cancel()  # (else it stays registered with the store)
 
-    async def _look(self, change: asyncio.Future[None], look: bool = True) -> None:
-        """Resolve the waiters of runs that closed (unless ``look`` is off: none can
-        have); then wait for ``change``, a new run to wait for, or 1 s."""
+    async def _look(self, change: asyncio.Future[None]) -> None:
+        """Resolve the waiters of runs that closed; then wait for ``change``, a new run to
+        wait for, or 1 s."""
         began = time.monotonic()
-        closed: list[RunInfo] = []
-        if look:
-            try:
-                closed = await self._store.closed_runs(list(self._waiting))
-            except StoreError:
-                pass
+        try:
+            closed = await self._store.closed_runs(list(self._waiting))
+        except StoreError:
+            closed = []
         spent = time.monotonic() - began
         for run in closed:
             for fut in self._waiting.pop(run.run_id, []):

@@ -616,12 +616,6 @@ class Store(abc.ABC):
         as far as the backend can tell, in another process). Take it *before* looking
         for work."""
 
-    def changes_seen(self, kind: Change) -> int | None:
-        """How many notifications of ``kind`` (one kind) this store has given so far, or
-        None if it does not count them. Unchanged across a stretch of time: no change
-        of that kind was told here meanwhile (one may be on its way)."""
-        return None
-
     @abc.abstractmethod
     async def close(self) -> None: ...
 

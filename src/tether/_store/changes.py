@@ -46,15 +46,6 @@ class ChangeWaiters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], int]] = []
-        self._seen = [0] * Change.ALL.bit_length()
-        """Notifications so far, by kind (bit)."""
-
-    def seen(self, kind: Change) -> int:
-        """How many notifications touched ``kind`` (one kind) so far. Unchanged since a
-        waiter was added: none reached it. Unchanged since before a write: nothing that
-        write could have caused has been told here yet (its notification, if any, is to
-        come)."""
-        return self._seen[int(kind).bit_length() - 1]
 
     def add(self, changes: Change) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
@@ -69,10 +60,7 @@ class ChangeWaiters:
         if not changes:
             return
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-        with self._lock:  # (counted under the lock: a waiter added after sees the count)
-            for bit in range(len(self._seen)):
-                if changes >> bit & 1:
-                    self._seen[bit] += 1
+        with self._lock:
             keep = []
             for waiter in self._waiting:
                 loop, fut, wanted = waiter

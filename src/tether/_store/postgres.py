@@ -327,8 +327,6 @@ class PostgresStore(SqlStore):
         self._committer_pids: set[int] = set()
         self._listener: asyncio.Task[None] | None = None
         self._waiters = ChangeWaiters()
-        self._listening = False
-        """Whether the notification connection is up (changes are told)."""
         self._closed = False
         self._outage_logged = 0.0
         self.stats = {
@@ -707,10 +705,6 @@ class PostgresStore(SqlStore):
                 write.fut.set_exception(value)
 
     # -- notifications -------------------------------------------------------------------
-    def changes_seen(self, kind: Change) -> int | None:
-        # Not while the notification connection is down: changes are not told then.
-        return self._waiters.seen(kind) if self._listening else None
-
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         return self._waiters.add(changes)
 
@@ -735,7 +729,6 @@ class PostgresStore(SqlStore):
 
                 conn.add_termination_listener(on_lost)
                 await conn.add_listener(CHANNEL, self._on_notify)
-                self._listening = True
                 delay = 0.05
                 if not ready.done():
                     ready.set_result(None)
@@ -759,7 +752,6 @@ class PostgresStore(SqlStore):
                     e or type(e).__name__,
                 )
             finally:
-                self._listening = False
                 if conn is not None:
                     conn.terminate()
             self._waiters.notify(Change.ALL)  # meanwhile, waiters look for themselves

@@ -664,12 +664,6 @@ class SqliteStore(SqlStore):
     def _submit_write(self, make: Callable[[], Op[T]], durable: bool) -> asyncio.Future[T]:
         return self._submit(make, writes=True, durable=durable)
 
-    def changes_seen(self, kind: Change) -> int | None:
-        # Not while commits may come unannounced: those are seen by polling only.
-        writer = self._writer
-        wakeup = self._process_wakeup or (writer[1] if writer is not None else None)
-        return self._waiters.seen(kind) if wakeup is not None and wakeup.hears_all else None
-
     def change_waiter(self, changes: Change = Change.ALL) -> asyncio.Future[None]:
         waiter = self._waiters.add(changes)
         # The waiting loop watches for other processes' commits itself: one wake-up

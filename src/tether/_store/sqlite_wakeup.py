@@ -22,7 +22,8 @@ every hop between processes. Here each store is *told* instead:
   (``attach``): a wake-up then costs one thread wake-up, not two (the listener's,
   then the loop's), about 60 µs less per hop between processes on a virtual machine.
   Until a loop attaches, and again once that loop has closed or stopped, a thread per
-  store sleeps on the socket instead (no cost while idle). Either takes everything
+  store sleeps on the socket instead (while a loop watches, that thread wakes every
+  0.1 s only to see whether the loop still runs). Either takes everything
   queued (many commits, one wake-up) and calls ``on_wake``.
 - **Dead peers.** A process killed with SIGKILL leaves its socket file behind;
   sending to it fails with ECONNREFUSED and the sender removes it.
@@ -122,12 +123,6 @@ class CommitWakeup:
         return self._sock is not None
 
     @property
-    def hears_all(self) -> bool:
-        """Whether every commit by others is announced as far as we know: wake-ups
-        work, and no commit came unannounced lately (a writer that sends none)."""
-        return self._sock is not None and time.monotonic() >= self._fast_until
-
-    @property
     def poll_interval(self) -> float:
         """Seconds to wait for work before the next ``data_version`` poll."""
         if self._sock is None or time.monotonic() < self._fast_until:
@@ -146,13 +141,15 @@ class CommitWakeup:
                 return
             if current is not None and current.is_running():
                 return
+            self._forget_closed_loops()
             if loop not in self._watchers:
                 own = self._sock.dup()
                 try:
                     loop.add_reader(own, self._take_on_loop, loop, own)
-                except BaseException:  # (a loop without add_reader: the thread watches)
+                except Exception as e:  # a loop without add_reader: the thread watches
                     own.close()
-                    raise
+                    logger.debug("wake-ups stay with the listener thread: %s", e)
+                    return
                 self._watchers[loop] = own
             self._loop = loop
             self._nudge()  # the thread stops watching the socket
@@ -165,7 +162,7 @@ class CommitWakeup:
         counts too, harmlessly: it only costs fast polling, the old behaviour.)
         """
         received = self._received
-        if changed and received == self._received_at_poll:
+        if changed and received == self._received_at_poll and not self._queued():
             self._fast_until = time.monotonic() + FAST_AFTER_MISS
         self._received_at_poll = received
         if self._owed:
@@ -282,6 +279,22 @@ class CommitWakeup:
             with contextlib.suppress(OSError):
                 os.unlink(self._address(name))
 
+    def _queued(self) -> bool:
+        """Whether a wake-up waits unread in the socket (a busy loop has not read it yet)."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK))
+        except OSError:  # (BlockingIOError: nothing queued)
+            return False
+
+    def _forget_closed_loops(self) -> None:
+        """Close the duplicates of loops that have closed (their selectors are closed
+        with them); the caller holds ``_lock``."""
+        for loop in [loop for loop in self._watchers if loop.is_closed()]:
+            self._watchers.pop(loop).close()
+
     def _nudge(self) -> None:
         """Make the listener thread look again at what it should watch (or stop)."""
         with contextlib.suppress(BlockingIOError):
@@ -301,6 +314,7 @@ class CommitWakeup:
                     with self._lock:
                         if self._loop is loop:
                             self._loop = loop = None
+                        self._forget_closed_loops()
                 if watching != (loop is None):
                     watching = not watching
                     if watching:
