@@ -53,10 +53,11 @@ _BUDGET_CHECK_STEPS = 1000
 
 WriterKind = Literal["auto", "thread", "process"]
 
-_PROMOTE_WRITES_PER_S = 5000
+_PROMOTE_WRITES_PER_S = 4000
 """``writer="auto"``: write operations per second that, sustained, move the writer into
 a process of its own (sequential work such as one workflow at a time stays far below:
-about 1,500 per second)."""
+about 1,500 per second). Not higher: a slow machine putting 100,000 sleepers to bed
+reached only 3,000-4,000, and kept its writer in the thread for their wake."""
 _PROMOTE_AFTER_S = 2
 """For this many consecutive seconds."""
 _LIGHT_WRITES_PER_S = (20, 2500)
