@@ -605,13 +605,13 @@ def test_a_move_cut_short_by_its_loop_ending_leaves_a_working_writer(
         if direction == "into a process":
             # The thread stops at its next batch, held there until after the loop ends.
             store._writer_lock.acquire()
-            threading.Timer(0.3, store._writer_lock.release).start()
+            let_go = threading.Timer(0.3, store._writer_lock.release)
         else:
             await store._promote()
             assert store.process_writer is not None and store.process_writer.pid is not None
             child = store.process_writer.pid
             os.kill(child, signal.SIGSTOP)  # it answers nothing until after the loop ends
-            threading.Timer(0.3, os.kill, (child, signal.SIGCONT)).start()
+            let_go = threading.Timer(0.3, os.kill, (child, signal.SIGCONT))
         writes = [asyncio.ensure_future(store.start_run(_new_run(i))) for i in range(200)]
         holder["writes"] = writes
         move = store._promote() if direction == "into a process" else store._demote()
@@ -620,6 +620,9 @@ def test_a_move_cut_short_by_its_loop_ending_leaves_a_working_writer(
             await asyncio.sleep(0.001)
         await asyncio.sleep(0.01)
         assert not store._move.done()
+        # (Counted from here, not from the start: a slow machine takes longer than the
+        # hold to start the child.)
+        let_go.start()
         # Return: the loop ends with the move under way.
 
     asyncio.run(home())
@@ -636,7 +639,7 @@ def test_a_move_cut_short_by_its_loop_ending_leaves_a_working_writer(
             await asyncio.wait_for(store.close(), 10)
 
     asyncio.run(elsewhere())
-    assert _writer_children() == []
+    assert asyncio.run(_writer_children_after(10)) == []
 
 
 async def test_a_write_queued_while_the_writer_child_is_gone_goes_to_a_new_one(
