@@ -204,8 +204,9 @@ def _compile_tether() -> None:
 
     import tether
 
-    for directory in (Path(tether.__file__).parent, REPO_DIR / "bench"):
-        compileall.compile_dir(directory, quiet=1)
+    compileall.compile_dir(Path(tether.__file__).parent, quiet=1)
+    # The harness's own modules only: not the peers' environments under ``.peers``.
+    compileall.compile_dir(REPO_DIR / "bench", maxlevels=0, quiet=1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -116,7 +116,7 @@ class CommitWakeup:
             self._thread.start()
         except Exception as e:  # any failure here only means polling fast, as before
             logger.debug("no cross-process wake-ups for %s, polling instead: %s", db_path, e)
-            self._release(self._sock)
+            self._release()
 
     @property
     def active(self) -> bool:
@@ -132,14 +132,10 @@ class CommitWakeup:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let ``loop`` (the running loop: call this on its thread) watch the socket in
         place of the listener thread, unless a running loop does already."""
-        current = self._loop
-        if current is loop or (current is not None and current.is_running()):
-            return  # (the loop watching tells other loops' waiters: ``on_wake`` is thread-safe)
+        if self._kept_by(loop):
+            return
         with self._lock:
-            current = self._loop
-            if self._sock is None or self._closing or current is loop:
-                return
-            if current is not None and current.is_running():
+            if self._sock is None or self._closing or self._kept_by(loop):
                 return
             self._forget_closed_loops()
             if loop not in self._watchers:
@@ -153,6 +149,12 @@ class CommitWakeup:
                 self._watchers[loop] = own
             self._loop = loop
             self._nudge()  # the thread stops watching the socket
+
+    def _kept_by(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether the watching stays as it is: ``loop`` watches already, or another
+        running loop does (it tells other loops' waiters: ``on_wake`` is thread-safe)."""
+        current = self._loop
+        return current is loop or (current is not None and current.is_running())
 
     def polled(self, changed: bool) -> None:
         """The idle poll ran; ``changed``: it found another connection's commit.
@@ -204,7 +206,7 @@ class CommitWakeup:
                 loop.call_soon_threadsafe(self._unwatch, loop)
             except RuntimeError:  # it closed meanwhile, and its selector with it
                 self._unwatch(loop)
-        self._release(self._sock)
+        self._release()
 
     # -- internals ---------------------------------------------------------------
     def _send(self, changes: int) -> None:
@@ -370,13 +372,13 @@ class CommitWakeup:
                 logger.exception("waking the SQLite store's waiters failed")
         return True
 
-    def _release(self, sock: socket.socket | None = None) -> None:
+    def _release(self) -> None:
         for peer in self._peers.values():
             peer.close()
         self._peers.clear()
-        if sock is not None:
-            sock.close()
-        self._sock = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         for fd in (self._dir_fd, self._stop_r, self._stop_w):
             if fd >= 0:
                 os.close(fd)
