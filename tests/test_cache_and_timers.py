@@ -94,6 +94,32 @@ def test_an_evicted_run_is_freed_without_the_cycle_collector(workflow_class: typ
 
 
 @workflow.defn
+class GathersRounds:
+    @workflow.run
+    async def run(self, rounds: int) -> int:
+        async def one(i: int) -> int:
+            await asyncio.sleep(0)
+            return i
+
+        total = 0
+        for _ in range(rounds):
+            total += sum(await asyncio.gather(*(one(i) for i in range(50))))
+        return total
+
+
+def test_finished_tasks_do_not_pile_up_in_a_run() -> None:
+    """A run keeps its tasks to close them at eviction; finished ones are dropped as
+    it creates more, so a long-lived run that spawns many keeps only a few."""
+    started = {"workflow_id": "w", "workflow_type": "t", "task_queue": "q", "args": [40]}
+    info = WorkflowInfo.from_started("run", 0.0, started)
+    instance = WorkflowInstance(workflow_definition(GathersRounds), info, PayloadConverter())  # type: ignore[abstract]
+    commands = instance.apply([Event(1, WORKFLOW_STARTED, 0.0, {**started, "seed": 7})], 0.0)
+    assert commands == [("WorkflowCompleted", {"result": 40 * sum(range(50))})]
+    assert len(instance._tasks) < 200  # of 2,001 created
+    instance.evict()
+
+
+@workflow.defn
 class LongSleep:
     @workflow.run
     async def run(self) -> float:

@@ -108,6 +108,10 @@ class WorkflowTaskFailure(Exception):
         self.__cause__ = cause
 
 
+_PRUNE_TASKS_AT = 64
+"""Tasks a workflow may have created before finished ones are dropped from its set."""
+
+
 class _Evicted(BaseException):
     """Thrown into a workflow's coroutines when its instance is dropped from the cache."""
 
@@ -160,7 +164,11 @@ class _DurableTimer(asyncio.TimerHandle):
         self.seq = seq
 
     def cancel(self) -> None:
-        if not self.cancelled():
+        # asyncio.sleep cancels its timer handle even after it fired (then ``seq`` is
+        # None): only a pending durable timer needs its cancellation recorded.
+        if self._cancelled:  # type: ignore[attr-defined]
+            return
+        if self.seq is not None:
             loop = self._loop  # type: ignore[attr-defined]
             assert isinstance(loop, WorkflowInstance)
             loop._cancel_timer(self)
@@ -196,6 +204,8 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._block: list[Event] = []
         self._main: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        """The workflow's tasks, finished ones among them until the next prune."""
+        self._prune_tasks_at = _PRUNE_TASKS_AT
         self._handlers: set[asyncio.Task[Any]] = set()
         self._handler_error: BaseException | None = None
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
@@ -344,6 +354,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         elif event.type == TIMER_FIRED:
             timer = self._timers.pop(data["seq"], None)
             if timer is not None and not timer.cancelled():
+                timer.seq = None  # fired: nothing left to cancel
                 self._ready.append(timer)
         elif event.type in (CHILD_WORKFLOW_COMPLETED, CHILD_WORKFLOW_FAILED):
             entry = self._children.pop(data["seq"], None)
@@ -824,8 +835,13 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             coro.close()
             raise _Evicted()
         task: asyncio.Task[Any] = asyncio.Task(coro, loop=self, name=name, context=context)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks = self._tasks
+        if len(tasks) >= self._prune_tasks_at:
+            # Finished tasks are dropped here, in bulk, rather than by a done callback
+            # each (a callback costs a handle run per task, a tenth of a short replay).
+            tasks.difference_update([t for t in tasks if t.done()])
+            self._prune_tasks_at = max(_PRUNE_TASKS_AT, 2 * len(tasks))
+        tasks.add(task)
         return task
 
     def get_debug(self) -> bool:
