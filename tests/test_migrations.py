@@ -213,6 +213,26 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         await drop_database(url)
 
 
+async def test_a_store_opened_without_migrating_refuses_an_older_schema() -> None:
+    """Opened with ``migrate=False`` on a schema that lacks a migration this version
+    needs (the claim functions, say), the store says which and how to migrate, rather
+    than failing later at the first claim; once migrated, it opens."""
+    from tether._store.postgres import PostgresStore
+
+    url = await create_database("tether_migrate")
+    try:
+        with pytest.raises(StoreError, match="lacks migration 0001_initial and later ones"):
+            await PostgresStore.open(url, migrate=False)
+        await migrate(url, target=2)
+        with pytest.raises(StoreError, match=r"lacks migration 0003_claim_functions.*tether db"):
+            await PostgresStore.open(url, migrate=False)
+        await migrate(url)
+        store = await PostgresStore.open(url, migrate=False)
+        await store.close()
+    finally:
+        await drop_database(url)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", "from tether.cli import main; main()", *args],

@@ -370,9 +370,10 @@ async def test_a_completion_with_input_arrived_meanwhile_commits_whole(
 async def test_a_claim_whose_read_back_fails_keeps_what_it_leased(
     fresh_postgres: str, postgres_store: PostgresStore
 ) -> None:
-    """A claim's lease commits by itself; when reading the leased tasks back must wait
-    (the runs table locked past the store's lock timeout), the repeated attempt
-    returns what the first one leased instead of leasing more and stranding those."""
+    """A claim whose read-back must wait (the runs table locked past the store's lock
+    timeout) strands no lease: the claim function's lease steps back with its read
+    (one statement), and the repeated attempt first reads what an earlier one leased
+    (for a lease that committed before its connection was lost) before it leases."""
     store = postgres_store
     await store.start_run(new_run(1))
     await store.start_run(new_run(2))

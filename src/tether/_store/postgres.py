@@ -288,7 +288,9 @@ async def _keepalive(conn: asyncpg.Connection) -> None:
 class PostgresStore(SqlStore):
     """A store in a PostgreSQL database. Open it with ``await PostgresStore.open(url)``."""
 
-    dialect = Dialect(row_locks=True, json_functions="jsonb", writes_in_with=True)
+    dialect = Dialect(
+        row_locks=True, json_functions="jsonb", writes_in_with=True, claim_functions=True
+    )
 
     def __init__(
         self,
@@ -405,6 +407,8 @@ class PostgresStore(SqlStore):
                 if applied:
                     labels = ", ".join(m.label for m in applied)
                     logger.info("applied migrations to %s: %s", self.display_url, labels)
+            else:
+                await migrations.check_postgres(conn)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(

@@ -61,7 +61,10 @@ class SqlActivities(SqlWorkflowTasks):
             "AND a.token = ? ORDER BY a.scheduled_at",
             (task_queue, lease_until, token),
         )
-        rows = await self._execute_lease(LeaseAndRead(lease, read))
+        together = self._claim_function(
+            "tether_claim_activity_tasks", (owner, token, lease_until, task_queue, now, limit)
+        )
+        rows = await self._execute_lease(LeaseAndRead(lease, read, together))
         return [activity_from_row(row) for row in rows]
 
     async def heartbeat_activity(

@@ -16,6 +16,7 @@ from tether._store.base import ActivityTask, RunInfo, Store
 from tether._store.changes import Change
 from tether._store.faults import FaultInjector
 from tether._store.sql_statements import (
+    ALL,
     EXEC,
     ONE,
     WRITE,
@@ -316,6 +317,14 @@ class SqlCore(Store):
             f"activity {task.activity_type} (#{task.seq}) of run {task.run_id}, "
             f"attempt {task.attempt}, is no longer leased by this worker"
         )
+
+    def _claim_function(self, name: str, params: tuple[Any, ...]) -> Stmt | None:
+        """A call of the schema's function ``name`` that leases tasks and reads them
+        back in one statement (``LeaseAndRead.together``); None if the backend has none."""
+        if not self.dialect.claim_functions:
+            return None
+        marks = ", ".join("?" * len(params))
+        return Stmt(ALL, f"SELECT * FROM {name}({marks})", params, alone=True)
 
     def _lease_ready(self, table: str, key: str, condition: str, params: tuple[Any, ...]) -> Stmt:
         """Lease up to ``limit`` ready rows of a task table, oldest first: params (owner,

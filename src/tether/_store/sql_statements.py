@@ -60,16 +60,18 @@ def touch(changes: Change) -> Stmt:
 
 class LeaseAndRead:
     """An operation that leases rows (``lease``, under a token made once per call)
-    and reads them back (``read``). On a server the lease commits by itself
-    (``Stmt.alone``), so an attempt repeated after a failed read-back first reads
-    what an earlier attempt leased, instead of leasing more rows and stranding
-    those until their lease runs out."""
+    and reads them back (``read``), or does both in one call (``together``, where the
+    backend has a function for it: one round trip to a server instead of two). On a
+    server the lease commits by itself (``Stmt.alone``), so an attempt repeated after
+    a failed read-back first reads what an earlier attempt leased, instead of leasing
+    more rows and stranding those until their lease runs out."""
 
-    __slots__ = ("attempts", "lease", "read")
+    __slots__ = ("attempts", "lease", "read", "together")
 
-    def __init__(self, lease: Stmt, read: Stmt) -> None:
+    def __init__(self, lease: Stmt, read: Stmt, together: Stmt | None = None) -> None:
         self.lease = lease
         self.read = read
+        self.together = together
         self.attempts = 0
 
     def __call__(self) -> Op[list[Any]]:
@@ -79,6 +81,9 @@ class LeaseAndRead:
             rows = yield self.read
             if rows:
                 return rows
+        if self.together is not None:
+            rows = yield self.together
+            return rows
         if not (yield self.lease):
             return []
         rows = yield self.read
@@ -96,6 +101,9 @@ class Dialect:
     writes_in_with: bool = False
     """Whether ``WITH`` may hold INSERT/UPDATE/DELETE: dependent writes in one statement
     (one round trip to a server instead of several)."""
+    claim_functions: bool = False
+    """Whether the schema has the functions that lease tasks and read them back in one
+    call (``tether_claim_workflow_tasks``, ``tether_claim_activity_tasks``)."""
 
     def json_field_equals(self, column: str, key: str, value: Any) -> tuple[str, list[Any]]:
         """A condition (and its parameters): the JSON object in text ``column`` has ``key``

@@ -81,7 +81,11 @@ class SqlWorkflowTasks(SqlRuns):
             "ORDER BY r.created_at, t.run_id, h.seq",
             (CLAIM_HISTORY_EVENTS + 1, task_queue, lease_until, token),
         )
-        rows = await self._execute_lease(LeaseAndRead(lease, read))
+        together = self._claim_function(
+            "tether_claim_workflow_tasks",
+            (owner, token, lease_until, task_queue, now, limit, CLAIM_HISTORY_EVENTS + 1),
+        )
+        rows = await self._execute_lease(LeaseAndRead(lease, read, together))
         return self._claimed_tasks(task_queue, token, rows)
 
     @staticmethod

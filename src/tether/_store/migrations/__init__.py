@@ -106,6 +106,22 @@ def migrate_sqlite(conn: Any, target: int | None = None) -> tuple[list[Migration
     return todo, max(applied | {m.version for m in todo}, default=0)
 
 
+async def check_postgres(conn: Any) -> None:
+    """Refuse a database whose schema lacks migrations this version of Tether needs
+    (for a store opened without migrating)."""
+    applied: set[int] = set()
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    missing = pending("postgres", applied)
+    if missing:
+        raise StoreError(
+            f"the database schema lacks migration {missing[0].label}"
+            f"{' and later ones' if len(missing) > 1 else ''}, which this version of "
+            "Tether needs: run `tether db migrate URL`, or open the store with migrate=True",
+            retryable=False,
+        )
+
+
 POSTGRES_LOCK = 7_426_541_002
 """Advisory lock key that serializes migrators (many workers may start at once)."""
 

@@ -1,0 +1,3 @@
+-- PostgreSQL only (functions that claim tasks in one round trip). SQLite runs the
+-- same lease and read-back as two statements in its own process, where a statement
+-- costs no round trip: nothing changes here.
