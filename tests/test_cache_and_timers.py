@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 import weakref
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,16 +109,61 @@ class GathersRounds:
         return total
 
 
-def test_finished_tasks_do_not_pile_up_in_a_run() -> None:
-    """A run keeps its tasks to close them at eviction; finished ones are dropped as
-    it creates more, so a long-lived run that spawns many keeps only a few."""
-    started = {"workflow_id": "w", "workflow_type": "t", "task_queue": "q", "args": [40]}
+def _started(workflow_class: type, arg: Any) -> tuple[WorkflowInstance, Event]:
+    started = {"workflow_id": "w", "workflow_type": "t", "task_queue": "q", "args": [arg]}
     info = WorkflowInfo.from_started("run", 0.0, started)
-    instance = WorkflowInstance(workflow_definition(GathersRounds), info, PayloadConverter())  # type: ignore[abstract]
-    commands = instance.apply([Event(1, WORKFLOW_STARTED, 0.0, {**started, "seed": 7})], 0.0)
+    instance = WorkflowInstance(workflow_definition(workflow_class), info, PayloadConverter())  # type: ignore[abstract]
+    return instance, Event(1, WORKFLOW_STARTED, 0.0, {**started, "seed": 7})
+
+
+def test_finished_tasks_do_not_pile_up_in_a_run() -> None:
+    """A run keeps its tasks to close them at eviction; finished ones are dropped by
+    the end of each activation, so a long-lived run that spawns many keeps none."""
+    instance, started = _started(GathersRounds, 40)
+    commands = instance.apply([started], 0.0)
     assert commands == [("WorkflowCompleted", {"result": 40 * sum(range(50))})]
-    assert len(instance._tasks) < 200  # of 2,001 created
+    assert len(instance._tasks) <= 1  # of 2,001 created: the finished main task at most
     instance.evict()
+
+
+@workflow.defn
+class FireAndForget:
+    @workflow.run
+    async def run(self, n: int) -> int:
+        async def fails() -> None:
+            raise ValueError("nobody awaits this")
+
+        asyncio.ensure_future(fails())  # noqa: RUF006 (the point: nobody keeps it)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return n
+
+
+def test_an_unawaited_task_that_fails_is_reported_once_live_and_never_in_replay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio reports a failed task whose exception nobody retrieved when the task is
+    freed: in the activation it failed in, as it runs live, and never while replaying
+    history (every worker that replays the run would report it again)."""
+    instance, started = _started(FireAndForget, 1)
+    with caplog.at_level(logging.ERROR, logger="tether"):
+        commands = instance.apply([started], 0.0)
+        assert commands == [("WorkflowCompleted", {"result": 1})]
+        reported = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert len(reported) == 1, caplog.text
+        assert "nobody awaits this" in caplog.text
+        instance.evict()
+        caplog.clear()
+        replayed, _ = _started(FireAndForget, 1)
+        history = [
+            started,
+            Event(2, "WorkflowCompleted", 0.0, {"result": 1}),
+            Event(3, "WorkflowTaskCompleted", 0.0, {"inputs_through": 1}),
+        ]
+        assert replayed.apply(history, 0.0) == []
+        assert replayed.closed
+        replayed.evict()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
 
 
 @workflow.defn

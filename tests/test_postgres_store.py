@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -31,7 +33,7 @@ from tether._store.base import (
 from tether._store.changes import Change
 from tether._store.pg_statements import translate
 from tether._store.postgres import PostgresStore, redact
-from tether._store.sql_statements import ONE, Op, Stmt
+from tether._store.sql_statements import ALL, EXEC, ONE, LeaseAndRead, Op, Stmt
 
 NOW = 1_000_000.0
 T = TypeVar("T")
@@ -255,6 +257,33 @@ async def test_lease_only_writes_commit_without_waiting_for_the_wal(
     assert await store._execute(_synchronous_commit, writes=False) == "on"
 
 
+def _isolation() -> Op[str]:
+    row = yield Stmt(ONE, "SHOW transaction_isolation", ())
+    return str(row[0])
+
+
+async def test_the_store_reads_committed_whatever_the_database_default(
+    fresh_postgres: str,
+) -> None:
+    """Claims read back what they leased on a newer snapshot than the lease's, which
+    takes READ COMMITTED: a database defaulting to REPEATABLE READ does not change it."""
+    conn = await asyncpg.connect(fresh_postgres)
+    try:
+        await conn.execute(
+            f'ALTER DATABASE "{conn._params.database}" '
+            "SET default_transaction_isolation = 'repeatable read'"
+        )
+    finally:
+        await conn.close()
+    store = await PostgresStore.open(fresh_postgres)
+    try:
+        assert await store._execute(_isolation, writes=True) == "read committed"
+        assert await store._execute_lease(_isolation) == "read committed"
+        assert await store._execute(_isolation, writes=False) == "read committed"
+    finally:
+        await store.close()
+
+
 def _probe_op(*statements: Stmt) -> Callable[[], Op[None]]:
     def op() -> Op[None]:
         for stmt in statements:  # noqa: UP028 (results are sent in: a tuple cannot take them)
@@ -393,6 +422,67 @@ async def test_a_claim_whose_read_back_fails_keeps_what_it_leased(
     # The other run's task is still there for the taking.
     others = await store.claim_workflow_tasks("q", "w2", 10, NOW + 60, NOW)
     assert [t.run_id for t in others] == [r for r in ("run-1", "run-2") if r != tasks[0].run_id]
+
+
+async def test_a_role_that_cannot_call_the_claim_functions_claims_in_two_statements(
+    fresh_postgres: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A database whose owner revoked EXECUTE on functions from PUBLIC: a store opened
+    by a role with only table rights says so once and claims with the lease and the
+    read-back as two statements, instead of failing every claim."""
+    owner = await PostgresStore.open(fresh_postgres)
+    await owner.close()
+    role = f"tether_limited_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(fresh_postgres)
+    try:
+        await admin.execute(
+            "REVOKE EXECUTE ON FUNCTION tether_claim_workflow_tasks, "
+            "tether_claim_activity_tasks FROM PUBLIC"
+        )
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        await admin.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        limited_url = fresh_postgres.replace("postgres@", f"{role}@", 1)
+        with caplog.at_level(logging.WARNING, logger="tether"):
+            store = await PostgresStore.open(limited_url, migrate=False)
+        try:
+            assert "not executable by this role" in caplog.text
+            assert not store.dialect.claim_functions
+            assert PostgresStore.dialect.claim_functions  # other stores keep them
+            await store.start_run(new_run(1))
+            (task,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
+            assert task.run_id == "run-1" and [e.type for e in task.history or []] == [
+                "WorkflowStarted"
+            ]
+        finally:
+            await store.close()
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+
+
+def test_a_claim_attempted_again_reads_back_before_it_leases_again() -> None:
+    """A claim's lease and read-back in one call (``together``) may have committed
+    before the connection carrying its answer was lost: the next attempt first reads
+    back what the token leased, and leases again only if that finds nothing."""
+    lease = Stmt(EXEC, "UPDATE lease", ())
+    read = Stmt(ALL, "SELECT read", ())
+    together = Stmt(ALL, "SELECT together", (), alone=True, writes=True)
+    claim = LeaseAndRead(lease, read, together)
+    first = claim()
+    assert next(first) is together
+    with pytest.raises(StopIteration) as done:
+        first.send([("leased",)])
+    assert done.value.value == [("leased",)]
+    again = claim()
+    assert next(again) is read
+    with pytest.raises(StopIteration) as done:
+        again.send([("leased before",)])
+    assert done.value.value == [("leased before",)]
+    third = claim()
+    assert next(third) is read
+    assert third.send([]) is together
 
 
 async def _activity_running(

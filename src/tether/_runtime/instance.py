@@ -108,10 +108,6 @@ class WorkflowTaskFailure(Exception):
         self.__cause__ = cause
 
 
-_PRUNE_TASKS_AT = 64
-"""Tasks a workflow may have created before finished ones are dropped from its set."""
-
-
 class _Evicted(BaseException):
     """Thrown into a workflow's coroutines when its instance is dropped from the cache."""
 
@@ -204,8 +200,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         self._block: list[Event] = []
         self._main: asyncio.Task[Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        """The workflow's tasks, finished ones among them until the next prune."""
-        self._prune_tasks_at = _PRUNE_TASKS_AT
+        """The workflow's unfinished tasks (and those that finished in this activation)."""
         self._handlers: set[asyncio.Task[Any]] = set()
         self._handler_error: BaseException | None = None
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
@@ -342,9 +337,21 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
                 if event.type not in _MESSAGE_EVENTS:
                     self._deliver(event)
             self._run_ready()
+            self._drop_finished_tasks()
         finally:
             asyncio.events._set_running_loop(previous)
         self._check_main()
+
+    def _drop_finished_tasks(self) -> None:
+        """Let go of the tasks that finished, once per activation rather than by a done
+        callback each (a handle run per task: a tenth of a short replay). Still within
+        the activation, so that a task whose exception nobody retrieved is reported as
+        asyncio does when it is freed, or not while replaying (``call_exception_handler``)."""
+        tasks = self._tasks
+        if len(tasks) > 1 or (tasks and self._main not in tasks):
+            finished = [task for task in tasks if task.done()]
+            tasks.difference_update(finished)
+            del finished  # (freed here, not at the next activation)
 
     def _deliver(self, event: Event) -> None:
         data = event.data
@@ -835,13 +842,7 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
             coro.close()
             raise _Evicted()
         task: asyncio.Task[Any] = asyncio.Task(coro, loop=self, name=name, context=context)
-        tasks = self._tasks
-        if len(tasks) >= self._prune_tasks_at:
-            # Finished tasks are dropped here, in bulk, rather than by a done callback
-            # each (a callback costs a handle run per task, a tenth of a short replay).
-            tasks.difference_update([t for t in tasks if t.done()])
-            self._prune_tasks_at = max(_PRUNE_TASKS_AT, 2 * len(tasks))
-        tasks.add(task)
+        self._tasks.add(task)  # until it finishes: see _drop_finished_tasks
         return task
 
     def get_debug(self) -> bool:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
@@ -65,6 +66,15 @@ _MAX_BATCH = 48
 subtransactions per transaction beyond which PostgreSQL slows down for everyone."""
 
 _MAX_DUPLICATE_RETRIES = 5
+
+_CLAIM_FUNCTIONS_CALLABLE = (
+    "SELECT count(*) = 2 FROM pg_proc p WHERE p.proname IN "
+    "('tether_claim_workflow_tasks', 'tether_claim_activity_tasks') "
+    "AND p.pronamespace = current_schema()::regnamespace "
+    "AND has_function_privilege(p.oid, 'EXECUTE')"
+)
+"""Whether this role can call the functions that claim in one round trip (a database
+whose owner revoked EXECUTE from PUBLIC may not let it)."""
 
 _READ_PREFIXES = ("SELECT", "SHOW")
 """Statements that cannot write; any other (``WITH`` over an ``INSERT``...) may."""
@@ -190,7 +200,7 @@ async def _drive(make: Callable[[], Op[Any]], conn: asyncpg.Connection, done: _E
             else:
                 if pending:
                     await _flush(pending, conn, done)
-                read = stmt.sql.startswith(_READ_PREFIXES)
+                read = not stmt.writes and stmt.sql.startswith(_READ_PREFIXES)
                 sent_alone = done.alone_sent
                 await done.before(conn, stmt.alone, read)
                 sql = translate(stmt.sql)
@@ -361,6 +371,9 @@ class PostgresStore(SqlStore):
         settings = {
             "statement_timeout": str(int(self.statement_timeout * 1000)),
             "application_name": "tether",
+            # Claims read back what they leased on a snapshot newer than the lease's
+            # (the claim functions): whatever the database's or role's default.
+            "default_transaction_isolation": "read committed",
         }
         if lock_timeout:
             settings["lock_timeout"] = str(max(1, int(self.lock_timeout * 1000)))
@@ -409,6 +422,14 @@ class PostgresStore(SqlStore):
                     logger.info("applied migrations to %s: %s", self.display_url, labels)
             else:
                 await migrations.check_postgres(conn)
+            if not await conn.fetchval(_CLAIM_FUNCTIONS_CALLABLE):
+                logger.warning(
+                    "the claim functions of migration 0003 (tether_claim_*) are not "
+                    "executable by this role on %s: claims take two round trips each; "
+                    "GRANT EXECUTE on them to the role",
+                    self.display_url,
+                )
+                self.dialect = dataclasses.replace(self.dialect, claim_functions=False)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(

@@ -324,7 +324,7 @@ class SqlCore(Store):
         if not self.dialect.claim_functions:
             return None
         marks = ", ".join("?" * len(params))
-        return Stmt(ALL, f"SELECT * FROM {name}({marks})", params, alone=True)
+        return Stmt(ALL, f"SELECT * FROM {name}({marks})", params, alone=True, writes=True)
 
     def _lease_ready(self, table: str, key: str, condition: str, params: tuple[Any, ...]) -> Stmt:
         """Lease up to ``limit`` ready rows of a task table, oldest first: params (owner,

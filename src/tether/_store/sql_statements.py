@@ -42,6 +42,8 @@ class Stmt:
     """With ``alone``: the kinds of work (``Change``) the statement makes available
     when it commits by itself. A server backend may announce them from within the
     statement, at ``NOTIFY_MARK`` (which ends its select list), instead of after it."""
+    writes: bool = False
+    """A SELECT that writes (it calls a function that does): not to be taken for a read."""
 
 
 NOTIFY_MARK = "/*notify*/"
