@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from backends import database_url
-from tether import Client, InvalidArgumentError, StoreError, Worker, workflow
+from tether import Client, InvalidArgumentError, StoreError, Worker, activity, workflow
 from tether._store.base import (
     ACTIVITY_COMPLETED,
     ACTIVITY_SCHEDULED,
@@ -205,6 +205,60 @@ class SleepsLong:
     @workflow.run
     async def run(self) -> None:
         await asyncio.sleep(3600)
+
+
+_probe_log: list[str] = []
+_probe_started: dict[str, asyncio.Event] = {}
+
+
+@activity.defn
+async def slot_probe(name: str) -> str:
+    _probe_log.append(f"{name} runs")
+    _probe_started.setdefault(name, asyncio.Event()).set()
+    await asyncio.sleep(0.2)
+    _probe_log.append(f"{name} returns")
+    return name
+
+
+@workflow.defn
+class CallsProbe:
+    @workflow.run
+    async def run(self, name: str) -> str:
+        return await workflow.execute_activity(slot_probe, name, start_to_close_timeout=60)
+
+
+async def test_an_activity_slot_is_free_while_its_result_is_being_recorded(
+    fresh_postgres: str,
+) -> None:
+    """``max_concurrent_activities`` bounds the activities whose code runs: once an
+    activity's code returns, the next one starts while its result is still being
+    recorded (here held up by a lock on its row), not after."""
+    _probe_log.clear()
+    _probe_started.clear()
+    client = await Client.connect(fresh_postgres)
+    locker = await asyncpg.connect(fresh_postgres)
+    try:
+        async with Worker(
+            client,
+            task_queue="q",
+            workflows=[CallsProbe],
+            activities=[slot_probe],
+            max_concurrent_activities=1,
+        ):
+            first = await client.start_workflow(CallsProbe, "a", id="a", task_queue="q")
+            await asyncio.wait_for(_probe_started.setdefault("a", asyncio.Event()).wait(), 10)
+            await locker.execute("BEGIN")
+            await locker.execute("SELECT 1 FROM activity_tasks FOR UPDATE")  # a's row
+            second = await client.start_workflow(CallsProbe, "b", id="b", task_queue="q")
+            await asyncio.wait_for(_probe_started.setdefault("b", asyncio.Event()).wait(), 10)
+            assert _probe_log[:3] == ["a runs", "a returns", "b runs"]
+            assert (await first.describe()).status == "running"  # a's result not recorded
+            await locker.execute("ROLLBACK")
+            assert await first.result(timeout=30) == "a"
+            assert await second.result(timeout=30) == "b"
+    finally:
+        await locker.close()
+        await client.close()
 
 
 async def test_a_due_timer_locked_elsewhere_does_not_make_the_timer_loop_spin(

@@ -163,6 +163,9 @@ class Engine:
         """The asyncio tasks running them (one per task, or one per claimed batch)."""
         self._query_tasks: set[asyncio.Task[None]] = set()
         self._activity_tasks: dict[asyncio.Task[None], ActivityTask] = {}
+        self._recording: set[asyncio.Task[None]] = set()
+        """Activities whose code has returned and whose outcome is being recorded: their
+        slots are free already (see ``_free_slot_of_current_activity``)."""
         self._activity_slots_reserved = 0
         self._next_task_due: float | None = None
         """When the next delayed task (a retry) becomes ready, as the timer loop last saw."""
@@ -781,7 +784,8 @@ class Engine:
 
     # -- activities --------------------------------------------------------------------
     def _free_activity_slots(self) -> int:
-        return self.max_activities - len(self._activity_tasks) - self._activity_slots_reserved
+        running = len(self._activity_tasks) - len(self._recording)
+        return self.max_activities - running - self._activity_slots_reserved
 
     async def _activity_loop(self) -> None:
         async def step() -> float | None:
@@ -812,7 +816,20 @@ class Engine:
 
     def _activity_done(self, t: asyncio.Task[None]) -> None:
         self._activity_tasks.pop(t, None)
-        self._slot_freed(_ACTIVITY_TASK)
+        if t in self._recording:
+            self._recording.discard(t)  # its slot was freed when its code returned
+        else:
+            self._slot_freed(_ACTIVITY_TASK)
+
+    def _free_slot_of_current_activity(self) -> None:
+        """The running activity's code has returned: its slot goes to the next activity
+        now, not once its outcome is recorded (a durable commit, and for a cached run its
+        next workflow task): under a full concurrency limit that wait left every slot
+        idle between activities (D: 35 ms per wave of 48 on PostgreSQL)."""
+        t = asyncio.current_task()
+        if t in self._activity_tasks and t not in self._recording:
+            self._recording.add(t)  # type: ignore[arg-type]
+            self._slot_freed(_ACTIVITY_TASK)
 
     async def _run_activity(self, task: ActivityTask) -> None:
         opts = task.options
@@ -862,8 +879,10 @@ class Engine:
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
+            self._free_slot_of_current_activity()
             await self._activity_failed(task, e, ctx.details, s2c_deadline)
             return
+        self._free_slot_of_current_activity()
         try:
             now = self.clock.now()
             data = {"seq": task.seq, "result": payload}
