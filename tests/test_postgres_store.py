@@ -208,14 +208,18 @@ class SleepsLong:
 
 
 _probe_log: list[str] = []
-_probe_started: dict[str, asyncio.Event] = {}
+_probe_events: dict[str, asyncio.Event] = {}
+
+
+def _probe_event(name: str) -> asyncio.Event:
+    return _probe_events.setdefault(name, asyncio.Event())
 
 
 @activity.defn
 async def slot_probe(name: str) -> str:
     _probe_log.append(f"{name} runs")
-    _probe_started.setdefault(name, asyncio.Event()).set()
-    await asyncio.sleep(0.2)
+    _probe_event(f"{name} runs").set()
+    await _probe_event(f"{name} may return").wait()
     _probe_log.append(f"{name} returns")
     return name
 
@@ -232,9 +236,10 @@ async def test_an_activity_slot_is_free_while_its_result_is_being_recorded(
 ) -> None:
     """``max_concurrent_activities`` bounds the activities whose code runs: once an
     activity's code returns, the next one starts while its result is still being
-    recorded (here held up by a lock on its row), not after."""
+    recorded (here held up by a lock on its row), not after. Recordings run ahead by
+    the limit at most: with two held up, a third activity waits."""
     _probe_log.clear()
-    _probe_started.clear()
+    _probe_events.clear()
     client = await Client.connect(fresh_postgres)
     locker = await asyncpg.connect(fresh_postgres)
     try:
@@ -246,16 +251,27 @@ async def test_an_activity_slot_is_free_while_its_result_is_being_recorded(
             max_concurrent_activities=1,
         ):
             first = await client.start_workflow(CallsProbe, "a", id="a", task_queue="q")
-            await asyncio.wait_for(_probe_started.setdefault("a", asyncio.Event()).wait(), 10)
+            await asyncio.wait_for(_probe_event("a runs").wait(), 10)
             await locker.execute("BEGIN")
-            await locker.execute("SELECT 1 FROM activity_tasks FOR UPDATE")  # a's row
-            second = await client.start_workflow(CallsProbe, "b", id="b", task_queue="q")
-            await asyncio.wait_for(_probe_started.setdefault("b", asyncio.Event()).wait(), 10)
-            assert _probe_log[:3] == ["a runs", "a returns", "b runs"]
-            assert (await first.describe()).status == "running"  # a's result not recorded
-            await locker.execute("ROLLBACK")
+            try:
+                await locker.execute("SELECT 1 FROM activity_tasks FOR UPDATE")  # a's row
+                second = await client.start_workflow(CallsProbe, "b", id="b", task_queue="q")
+                _probe_event("a may return").set()
+                await asyncio.wait_for(_probe_event("b runs").wait(), 10)
+                assert _probe_log == ["a runs", "a returns", "b runs"]
+                assert (await first.describe()).status == "running"  # a's result waits
+                await locker.execute("SELECT 1 FROM activity_tasks FOR UPDATE")  # b's too
+                third = await client.start_workflow(CallsProbe, "c", id="c", task_queue="q")
+                _probe_event("b may return").set()
+                _probe_event("c may return").set()
+                await asyncio.sleep(1.0)  # c's activity is ready, and would be claimed
+                assert _probe_log == ["a runs", "a returns", "b runs", "b returns"]
+            finally:
+                await locker.execute("ROLLBACK")
             assert await first.result(timeout=30) == "a"
             assert await second.result(timeout=30) == "b"
+            assert await third.result(timeout=30) == "c"
+            assert _probe_log[-2:] == ["c runs", "c returns"]
     finally:
         await locker.close()
         await client.close()

@@ -549,7 +549,7 @@ class Engine:
         outcome: WorkflowTaskResult | Exception,
     ) -> None:
         """The store answered ``completion`` with ``outcome``: its result or why not."""
-        self._activity_slots_reserved -= reserved
+        self._release_reserved(reserved, outcome)
         if isinstance(outcome, Exception):
             inst.evict()
             if isinstance(outcome, StoreError):
@@ -564,6 +564,14 @@ class Engine:
                 )
             return
         self._committed(inst, completion, outcome)
+
+    def _release_reserved(self, reserved: int, outcome: object) -> None:
+        """Give back the activity slots a completion held for its eager activities; if
+        some went unused, the claim loop may have found none free meanwhile: wake it."""
+        self._activity_slots_reserved -= reserved
+        used = len(outcome.eager_activities) if isinstance(outcome, WorkflowTaskResult) else 0
+        if reserved > used:
+            self._slot_freed(_ACTIVITY_TASK)
 
     def _committed(
         self, inst: WorkflowInstance, completion: WorkflowTaskCompletion, result: WorkflowTaskResult
@@ -785,7 +793,11 @@ class Engine:
     # -- activities --------------------------------------------------------------------
     def _free_activity_slots(self) -> int:
         running = len(self._activity_tasks) - len(self._recording)
-        return self.max_activities - running - self._activity_slots_reserved
+        # Recordings run ahead of the next activities by at most the limit again: a
+        # store slow to record them must not let claimed work pile up without bound.
+        alive = len(self._activity_tasks)
+        free = min(self.max_activities - running, 2 * self.max_activities - alive)
+        return free - self._activity_slots_reserved
 
     async def _activity_loop(self) -> None:
         async def step() -> float | None:
@@ -816,9 +828,13 @@ class Engine:
 
     def _activity_done(self, t: asyncio.Task[None]) -> None:
         self._activity_tasks.pop(t, None)
-        if t in self._recording:
-            self._recording.discard(t)  # its slot was freed when its code returned
-        else:
+        if t not in self._recording:
+            self._slot_freed(_ACTIVITY_TASK)
+            return
+        # Its slot was freed when its code returned; its end makes room only where the
+        # recordings' own bound held claims back (see ``_free_activity_slots``).
+        self._recording.discard(t)
+        if len(self._recording) >= self.max_activities:
             self._slot_freed(_ACTIVITY_TASK)
 
     def _free_slot_of_current_activity(self) -> None:
@@ -940,6 +956,7 @@ class Engine:
             inst.evict()  # the usual workflow task replays it and reports the failure
             return False
         completion, reserved = self._completion(workflow_task, inst, commands, now)
+        result: WorkflowTaskResult | None = None
         try:
             result = await self._persist(
                 lambda: self.store.finish_activity_and_continue(
@@ -952,7 +969,7 @@ class Engine:
             inst.evict()
             return False
         finally:
-            self._activity_slots_reserved -= reserved
+            self._release_reserved(reserved, result)
         if result is None:
             inst.evict()  # the result is recorded; the queued workflow task takes it
             return True
