@@ -806,3 +806,52 @@ async def test_starting_another_worker_does_not_steal_running_activities(
             attempt = await handle.result(timeout=10)
     assert attempt == 1
     assert len(attempt_starts["no-steal"]) == 1
+
+
+@workflow.defn
+class SignalsThenCalls:
+    def __init__(self) -> None:
+        self.pokes = 0
+
+    @workflow.signal
+    def poke(self) -> None:
+        self.pokes += 1
+
+    @workflow.run
+    async def run(self) -> int:
+        await workflow.wait_condition(lambda: self.pokes >= 70)
+        return await workflow.execute_activity(flaky, 0, start_to_close_timeout=10)
+
+
+async def test_a_completion_failing_unexpectedly_gives_back_its_activity_slots(
+    env: WorkflowEnvironment, make_worker: Callable[..., Worker], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A workflow task whose completion fails with an error that is not the store's
+    (a bug) is reported, and the activity slots it held for its eager activities are
+    given back: the worker does not lose capacity for good. The task runs again once
+    its lease lapses."""
+    _reset("slots")
+    handle = await env.client.start_workflow(SignalsThenCalls, id="slots", task_queue="test")
+    for _ in range(70):  # a history too long to come with the claim: the task reads it
+        await handle.signal(SignalsThenCalls.poke)
+    async with make_worker(
+        env.client, workflows=[SignalsThenCalls], activities=[flaky], lease_duration=1.0
+    ) as worker:
+        store = env.client.store
+        complete = store.complete_workflow_task
+        failed: list[bool] = []
+
+        async def fails_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("a bug in recording the task")
+            return await complete(*args, **kwargs)
+
+        store.complete_workflow_task = fails_once  # type: ignore[method-assign]
+        try:
+            assert await handle.result(timeout=30) == 1
+        finally:
+            store.complete_workflow_task = complete  # type: ignore[method-assign]
+        assert failed
+        assert worker._engine._activity_slots_reserved == 0
+        assert "a bug in recording the task" in caplog.text

@@ -429,8 +429,8 @@ class Engine:
                 outcome: WorkflowTaskResult | Exception = await self._persist(
                     lambda: self.store.complete_workflow_task(completion, self.identity, now)
                 )
-            except StoreError as e:  # (StaleTaskError too)
-                outcome = e
+            except Exception as e:  # a StoreError (StaleTaskError too), or a bug: reported
+                outcome = e  # there, the instance dropped and the reserved slots given back
             self._recorded(inst, completion, reserved, outcome)
         finally:
             self._workflow_task_finished(task)
