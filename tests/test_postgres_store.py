@@ -310,9 +310,17 @@ async def test_a_due_timer_locked_elsewhere_does_not_make_the_timer_loop_spin(
         await client.close()
 
 
-def _synchronous_commit() -> Op[str]:
-    row = yield Stmt(ONE, "SHOW synchronous_commit", ())
-    return str(row[0])
+def _show(setting: str) -> Callable[[], Op[str]]:
+    """An operation that reads a server setting as its connection has it."""
+
+    def op() -> Op[str]:
+        row = yield Stmt(ONE, f"SHOW {setting}", ())
+        return str(row[0])
+
+    return op
+
+
+_synchronous_commit = _show("synchronous_commit")
 
 
 async def test_lease_only_writes_commit_without_waiting_for_the_wal(
@@ -325,11 +333,6 @@ async def test_lease_only_writes_commit_without_waiting_for_the_wal(
     assert await store._execute_lease(_synchronous_commit) == "off"
     assert await store._execute(_synchronous_commit, writes=True) == "on"
     assert await store._execute(_synchronous_commit, writes=False) == "on"
-
-
-def _isolation() -> Op[str]:
-    row = yield Stmt(ONE, "SHOW transaction_isolation", ())
-    return str(row[0])
 
 
 async def test_the_store_reads_committed_whatever_the_database_default(
@@ -347,9 +350,10 @@ async def test_the_store_reads_committed_whatever_the_database_default(
         await conn.close()
     store = await PostgresStore.open(fresh_postgres)
     try:
-        assert await store._execute(_isolation, writes=True) == "read committed"
-        assert await store._execute_lease(_isolation) == "read committed"
-        assert await store._execute(_isolation, writes=False) == "read committed"
+        isolation = _show("transaction_isolation")
+        assert await store._execute(isolation, writes=True) == "read committed"
+        assert await store._execute_lease(isolation) == "read committed"
+        assert await store._execute(isolation, writes=False) == "read committed"
     finally:
         await store.close()
 

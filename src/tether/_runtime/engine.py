@@ -792,10 +792,10 @@ class Engine:
 
     # -- activities --------------------------------------------------------------------
     def _free_activity_slots(self) -> int:
-        running = len(self._activity_tasks) - len(self._recording)
+        alive = len(self._activity_tasks)
+        running = alive - len(self._recording)
         # Recordings run ahead of the next activities by at most the limit again: a
         # store slow to record them must not let claimed work pile up without bound.
-        alive = len(self._activity_tasks)
         free = min(self.max_activities - running, 2 * self.max_activities - alive)
         return free - self._activity_slots_reserved
 
