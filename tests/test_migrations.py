@@ -169,6 +169,7 @@ async def test_postgres_migrations_step_by_step_equal_a_fresh_install() -> None:
         assert sorted((await postgres_catalog(fresh))[FUNCTIONS]) == [
             "tether_claim_activity_tasks",
             "tether_claim_workflow_tasks",
+            "tether_close_runs",
         ]
         assert await migrate(fresh) == ([], known[-1].version)
         client = await Client.connect(opened)

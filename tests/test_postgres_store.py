@@ -8,12 +8,13 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 
 from backends import database_url
+from groups import count_groups
 from tether import Client, InvalidArgumentError, StoreError, Worker, activity, workflow
 from tether._store.base import (
     ACTIVITY_COMPLETED,
@@ -28,6 +29,7 @@ from tether._store.base import (
     RunClose,
     UpdateRequest,
     UpdateState,
+    WorkflowTask,
     WorkflowTaskCompletion,
 )
 from tether._store.changes import Change
@@ -498,12 +500,13 @@ async def test_a_claim_whose_read_back_fails_keeps_what_it_leased(
     assert [t.run_id for t in others] == [r for r in ("run-1", "run-2") if r != tasks[0].run_id]
 
 
-async def test_a_role_that_cannot_call_the_claim_functions_claims_in_two_statements(
-    fresh_postgres: str, caplog: pytest.LogCaptureFixture
+async def test_a_role_that_cannot_call_the_functions_claims_and_closes_without_them(
+    fresh_postgres: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A database whose owner revoked EXECUTE on functions from PUBLIC: a store opened
-    by a role with only table rights says so once and claims with the lease and the
-    read-back as two statements, instead of failing every claim."""
+    by a role with only table rights says so once, claims with the lease and the
+    read-back as two statements and closes runs one by one, instead of failing every
+    claim and close."""
     owner = await PostgresStore.open(fresh_postgres)
     await owner.close()
     role = f"tether_limited_{secrets.token_hex(4)}"
@@ -511,7 +514,7 @@ async def test_a_role_that_cannot_call_the_claim_functions_claims_in_two_stateme
     try:
         await admin.execute(
             "REVOKE EXECUTE ON FUNCTION tether_claim_workflow_tasks, "
-            "tether_claim_activity_tasks FROM PUBLIC"
+            "tether_claim_activity_tasks, tether_close_runs FROM PUBLIC"
         )
         await admin.execute(f"CREATE ROLE {role} LOGIN")
         await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
@@ -520,14 +523,22 @@ async def test_a_role_that_cannot_call_the_claim_functions_claims_in_two_stateme
         with caplog.at_level(logging.WARNING, logger="tether"):
             store = await PostgresStore.open(limited_url, migrate=False)
         try:
-            assert "not executable by this role" in caplog.text
-            assert not store.dialect.claim_functions
-            assert PostgresStore.dialect.claim_functions  # other stores keep them
+            assert "not all executable by this role" in caplog.text
+            assert not store.dialect.functions
+            assert PostgresStore.dialect.functions  # other stores keep them
             await store.start_run(new_run(1))
-            (task,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
-            assert task.run_id == "run-1" and [e.type for e in task.history or []] == [
-                "WorkflowStarted"
+            await store.start_run(new_run(2))
+            tasks = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
+            assert [(t.run_id, [e.type for e in t.history or []]) for t in tasks] == [
+                ("run-1", ["WorkflowStarted"]),
+                ("run-2", ["WorkflowStarted"]),
             ]
+            groups = count_groups(monkeypatch)
+            closing = ((_closing(t), NOW) for t in tasks)
+            results = [r async for r in store.complete_workflow_tasks(closing, "w")]
+            assert [type(r).__name__ for r in results] == ["WorkflowTaskResult"] * 2
+            assert groups == []  # each alone: the group would call tether_close_runs
+            assert {r.status for r in await store.list_runs("default")} == {"completed"}
         finally:
             await store.close()
     finally:
@@ -735,3 +746,48 @@ async def test_an_update_requested_while_the_closing_task_commits_is_rejected(
     state = await store.get_update("run-1", "u1")
     assert state is not None and state.state == "rejected"
     assert await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW) == []
+
+
+async def test_closing_tasks_that_meet_in_a_batch_close_together_and_clean_up_after(
+    fresh_postgres: str, postgres_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing completions that share a transaction run as one set-based operation (a
+    few statements for all, not one or more each). The cleanup looks afresh after the
+    close: an update request that committed while the close waited for its run's row
+    is rejected, and the run's timer, activities and task rows go."""
+    groups = count_groups(monkeypatch)
+    store = postgres_store
+    closing = [await _closing_task(store)]  # run 1: a timer, activities, an update
+    for n in range(2, 6):
+        await store.start_run(new_run(n))
+    closing += map(_closing, await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW))
+
+    async def complete_all() -> list[Any]:
+        completions = ((c, NOW) for c in closing)
+        return [outcome async for outcome in store.complete_workflow_tasks(completions, "w")]
+
+    results = await _update_request_commits_during(fresh_postgres, complete_all())
+    assert groups == [5]
+    assert [type(r).__name__ for r in results] == ["WorkflowTaskResult"] * 5
+    for c, result in zip(closing, results, strict=True):
+        assert result.history_length == c.task.history_length + 2
+        history = await store.read_history(c.task.run_id, after_seq=c.task.history_length)
+        assert [e.type for e in history] == [WORKFLOW_COMPLETED, WORKFLOW_TASK_COMPLETED]
+    runs = {r.run_id: r.status for r in await store.list_runs("default")}
+    assert runs == {f"run-{n}": "completed" for n in range(1, 6)}
+    for update_id in ("u0", "u1"):
+        state = await store.get_update("run-1", update_id)
+        assert state is not None and state.state == "rejected", update_id
+    assert await store.next_due_times() == (None, None)
+    assert await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW + 1) == []
+    assert await pg_column(fresh_postgres, "SELECT run_id FROM activity_tasks") == []
+
+
+def _closing(task: WorkflowTask) -> WorkflowTaskCompletion:
+    """The completion of ``task`` that closes its run (the workflow returned)."""
+    return WorkflowTaskCompletion(
+        task=task,
+        events=[(WORKFLOW_COMPLETED, {"result": task.run_id})],
+        inputs_through=task.history_length,
+        close=RunClose("completed", task.run_id),
+    )

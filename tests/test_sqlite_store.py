@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from groups import count_groups, run_nothing_together
 from tether._store import sqlite_batches
 from tether._store.base import WORKFLOW_COMPLETED, NewRun, RunClose, WorkflowTaskCompletion
 from tether._store.sql_statements import ONE, WRITE, Op, Stmt
@@ -175,40 +176,14 @@ async def test_closing_completions_run_as_one_group_with_the_same_outcome(
 ) -> None:
     """A batch of closing completions runs as one set-based operation (``together``),
     and leaves the database exactly as running them one by one does."""
-    real_together = sqlite_batches.together
-    groups: list[int] = []
-
-    def spy(make: Any) -> Any:
-        run_group = real_together(make)
-        return None if run_group is None else _Counting(run_group, groups)
-
-    monkeypatch.setattr(sqlite_batches, "together", spy)
+    groups = count_groups(monkeypatch)
     grouped = await _close_many(os.path.join(tmp_path, "grouped.db"), 20)
     assert groups == [20]  # one group, the lost lease among them
 
-    monkeypatch.setattr(sqlite_batches, "together", lambda make: None)
+    run_nothing_together(monkeypatch)
     alone = await _close_many(os.path.join(tmp_path, "alone.db"), 20)
     assert alone == grouped
     assert [row[5] for row in grouped["runs"]].count("completed") == 19
-
-
-class _Counting:
-    """A group function that records the size of each group it runs; equal to another
-    that wraps the same function (as ``together``'s results must be)."""
-
-    def __init__(self, run_group: Any, calls: list[int]) -> None:
-        self.run_group = run_group
-        self.calls = calls
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Counting) and other.run_group == self.run_group
-
-    def __hash__(self) -> int:
-        return hash(self.run_group)
-
-    def __call__(self, makes: list[Any]) -> Any:
-        self.calls.append(len(makes))
-        return self.run_group(makes)
 
 
 async def test_reads_of_an_idle_loop_run_on_it(tmp_path: Path) -> None:

@@ -37,11 +37,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -50,7 +51,7 @@ import asyncpg
 from tether._store import migrations
 from tether._store.changes import Change, ChangeWaiters
 from tether._store.pg_statements import DeferredWrites, translate
-from tether._store.sql import SqlStore
+from tether._store.sql import SqlStore, spans
 from tether._store.sql_statements import ALL, MANY, NOTIFY_MARK, ONE, TOUCH, WRITE, Dialect, Op
 from tether.exceptions import StoreError
 
@@ -67,14 +68,14 @@ subtransactions per transaction beyond which PostgreSQL slows down for everyone.
 
 _MAX_DUPLICATE_RETRIES = 5
 
-_CLAIM_FUNCTIONS_CALLABLE = (
-    "SELECT count(*) = 2 FROM pg_proc p WHERE p.proname IN "
-    "('tether_claim_workflow_tasks', 'tether_claim_activity_tasks') "
+_FUNCTIONS_CALLABLE = (
+    "SELECT count(*) = 3 FROM pg_proc p WHERE p.proname IN "
+    "('tether_claim_workflow_tasks', 'tether_claim_activity_tasks', 'tether_close_runs') "
     "AND p.pronamespace = current_schema()::regnamespace "
     "AND has_function_privilege(p.oid, 'EXECUTE')"
 )
-"""Whether this role can call the functions that claim in one round trip (a database
-whose owner revoked EXECUTE from PUBLIC may not let it)."""
+"""Whether this role can call the schema's functions, which save round trips (a
+database whose owner revoked EXECUTE from PUBLIC may not let it)."""
 
 _READ_PREFIXES = ("SELECT", "SHOW")
 """Statements that cannot write; any other (``WITH`` over an ``INSERT``...) may."""
@@ -298,9 +299,7 @@ async def _keepalive(conn: asyncpg.Connection) -> None:
 class PostgresStore(SqlStore):
     """A store in a PostgreSQL database. Open it with ``await PostgresStore.open(url)``."""
 
-    dialect = Dialect(
-        row_locks=True, json_functions="jsonb", writes_in_with=True, claim_functions=True
-    )
+    dialect = Dialect(row_locks=True, json_functions="jsonb", writes_in_with=True, functions=True)
 
     def __init__(
         self,
@@ -422,14 +421,14 @@ class PostgresStore(SqlStore):
                     logger.info("applied migrations to %s: %s", self.display_url, labels)
             else:
                 await migrations.check_postgres(conn)
-            if not await conn.fetchval(_CLAIM_FUNCTIONS_CALLABLE):
+            if not await conn.fetchval(_FUNCTIONS_CALLABLE):
                 logger.warning(
-                    "the claim functions of migration 0003 (tether_claim_*) are not "
-                    "executable by this role on %s: claims take two round trips each; "
-                    "GRANT EXECUTE on them to the role",
+                    "the functions of migrations 0003 and 0004 (tether_claim_*, "
+                    "tether_close_runs) are not all executable by this role on %s: claims "
+                    "and closing runs take more round trips; GRANT EXECUTE on them to the role",
                     self.display_url,
                 )
-                self.dialect = dataclasses.replace(self.dialect, claim_functions=False)
+                self.dialect = dataclasses.replace(self.dialect, functions=False)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -694,29 +693,57 @@ class PostgresStore(SqlStore):
         """Run each operation: (results, the kinds of work they touched), or, unless
         ``isolate`` (a savepoint per operation), the failure that needs the transaction
         rolled back. ``first``: the effects of the first operation, when it runs with no
-        transaction begun."""
+        transaction begun. Neighbours that can run as one operation (``together``) do
+        so, unless isolated: a few set-based statements instead of some each."""
         results: _Results = []
         changes = 0
-        for index, write in enumerate(batch):
-            if isolate:
-                await conn.execute("SAVEPOINT op")
-            done = first if index == 0 and first is not None else _Effects()
-            try:
-                value = await _drive(write.make, conn, done)
-            except Exception as e:
-                if isinstance(e, _CONNECTION_ERRORS):
-                    raise
-                if isolate:
-                    await conn.execute("ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op")
-                elif done.wrote or isinstance(e, asyncpg.PostgresError):
-                    return _Failed(index, e)
-                results.append((write, False, _classify(e, "a write")))
-                continue
-            if isolate:
-                await conn.execute("RELEASE SAVEPOINT op")
-            changes |= done.changes
-            results.append((write, True, value))
+        grouped = not isolate and first is None
+        for run_group, start, end in spans([w.make for w in batch], grouped):
+            alone: Sequence[int] = range(start, end)
+            if run_group is not None:
+                done = _Effects()
+                makes = [w.make for w in batch[start:end]]
+                try:
+                    values = await _drive(functools.partial(run_group, makes), conn, done)
+                except Exception as e:
+                    if isinstance(e, _CONNECTION_ERRORS):
+                        raise
+                    return _Failed(start, e)  # (its statements spoil the transaction)
+                changes |= done.changes
+                pairs = list(zip(alone, values, strict=True))
+                results += [(batch[i], True, v) for i, v in pairs if v is not None]
+                alone = [i for i, v in pairs if v is None]  # each by itself, after it
+            for i in alone:
+                done = first if i == 0 and first is not None else _Effects()
+                outcome = await self._run_one(conn, batch[i], done, isolate)
+                if isinstance(outcome, BaseException):
+                    return _Failed(i, outcome)
+                if outcome[1]:
+                    changes |= done.changes
+                results.append(outcome)
         return results, changes
+
+    @staticmethod
+    async def _run_one(
+        conn: asyncpg.Connection, write: _Write, done: _Effects, isolate: bool
+    ) -> tuple[_Write, bool, Any] | BaseException:
+        """Run one operation: its result, or the error that needs the transaction rolled
+        back (unless ``isolate``: a savepoint undoes a failed operation's writes)."""
+        if isolate:
+            await conn.execute("SAVEPOINT op")
+        try:
+            value = await _drive(write.make, conn, done)
+        except Exception as e:
+            if isinstance(e, _CONNECTION_ERRORS):
+                raise
+            if isolate:
+                await conn.execute("ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op")
+            elif done.wrote or isinstance(e, asyncpg.PostgresError):
+                return e
+            return write, False, _classify(e, "a write")
+        if isolate:
+            await conn.execute("RELEASE SAVEPOINT op")
+        return write, True, value
 
     def _deliver(self, results: _Results) -> None:
         for write, ok, value in results:

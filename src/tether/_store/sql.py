@@ -14,31 +14,57 @@ statement vocabulary) -> ``sql_core`` (running operations, shared steps) ->
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tether._store.sql_statements import Op
 from tether._store.sql_timers import SqlTimers
 
-__all__ = ["SqlStore", "together"]
+__all__ = ["SqlStore", "spans", "together"]
+
+
+GroupRun = Callable[..., Op[list[Any]]]
+"""What ``together`` returns: runs a group's operations as one, a value for each."""
 
 
 class SqlStore(SqlTimers):
     """The ``Store`` contract implemented once over any SQL backend."""
 
 
-def together(make: Callable[[], Op[Any]]) -> Callable[..., Op[list[Any]]] | None:
+def together(make: Callable[[], Op[Any]]) -> GroupRun | None:
     """If the operation ``make`` creates may run as one operation with its neighbours in
     a transaction that return the same function: that function, which takes their
-    ``make``s and gives each a value, or None for one it left to run alone. Only where
-    writes are serialized (one transaction at a time); None for most operations."""
+    ``make``s and gives each a value, or None for one it left to run alone. None for
+    most operations, and where it cannot tell (malformed input fails in the operation
+    itself, alone, not in the group around it)."""
     func = getattr(make, "func", None)
     store = getattr(func, "__self__", None)
-    if (
+    if not (
         isinstance(store, SqlStore)
         and getattr(func, "__func__", None) is SqlStore._complete_workflow_task
-        and not store.dialect.row_locks
-        and store._closes_alone(make.args[0])  # type: ignore[attr-defined]
     ):
-        return store._complete_closing_tasks
-    return None
+        return None
+    if store.dialect.row_locks and not store.dialect.functions:
+        return None  # (other writers: grouped, they need ``tether_close_runs``)
+    try:
+        closes_alone = store._closes_alone(make.args[0])  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    return store._complete_closing_tasks if closes_alone else None
+
+
+def spans(
+    makes: Sequence[Callable[[], Op[Any]]], grouped: bool = True
+) -> Iterator[tuple[GroupRun | None, int, int]]:
+    """How to run the operations ``makes`` of one transaction, in order: spans
+    ``[start, end)`` with the function that runs them as one (``together``, for two or
+    more neighbours), or None for one operation on its own. ``grouped`` off: each on
+    its own (to isolate a failure)."""
+    groups = [together(make) for make in makes] if grouped else [None] * len(makes)
+    start = 0
+    while start < len(makes):
+        run_group, end = groups[start], start + 1
+        while run_group is not None and end < len(makes) and groups[end] == run_group:
+            end += 1
+        yield (run_group if end - start > 1 else None), start, end
+        start = end

@@ -103,9 +103,11 @@ class Dialect:
     writes_in_with: bool = False
     """Whether ``WITH`` may hold INSERT/UPDATE/DELETE: dependent writes in one statement
     (one round trip to a server instead of several)."""
-    claim_functions: bool = False
-    """Whether the schema has the functions that lease tasks and read them back in one
-    call (``tether_claim_workflow_tasks``, ``tether_claim_activity_tasks``)."""
+    functions: bool = False
+    """Whether the schema's functions may be called: they do in one call what takes
+    several statements (round trips) otherwise: lease tasks and read them back
+    (``tether_claim_workflow_tasks``, ``tether_claim_activity_tasks``), close many runs
+    (``tether_close_runs``)."""
 
     def json_field_equals(self, column: str, key: str, value: Any) -> tuple[str, list[Any]]:
         """A condition (and its parameters): the JSON object in text ``column`` has ``key``

@@ -227,6 +227,8 @@ class SqlWorkflowTasks(SqlRuns):
         for i, make in enumerate(makes):
             c, _owner, now = make.args
             calls.setdefault(c.task.run_id, (c, now, i))  # a repeat runs alone, after
+        if self.dialect.row_locks:
+            return (yield from self._close_runs_in_one_call(list(calls.values()), len(makes)))
         params: list[Any] = []
         for c, now, _ in calls.values():
             _, columns = self._close_columns(c, now)
@@ -257,6 +259,39 @@ class SqlWorkflowTasks(SqlRuns):
                 left = (False, bool(activities), bool(timers), bool(updates))
                 why = f"the workflow closed ({close.status})"
                 yield from self._drop_run_work(run_id, why, left)
+        return results
+
+    def _close_runs_in_one_call(
+        self, calls: list[tuple[WorkflowTaskCompletion, float, int]], count: int
+    ) -> Op[list[WorkflowTaskResult | None]]:
+        """``_complete_closing_tasks`` where other transactions write meanwhile: one call
+        of the schema's ``tether_close_runs``, which does for each run what its lone
+        closing statement would (with the cleanup seeing what committed meanwhile), by
+        primary key. ``calls``: (completion, now, index among ``count`` results)."""
+        runs: list[tuple[Any, ...]] = []
+        event_types: list[str] = []
+        event_data: list[str] = []
+        for c, now, _ in calls:
+            assert c.close is not None
+            status, result, failure, closed_at, _next_run = self._close_columns(c, now)[1]
+            rejection = dumps(self._closed_failure(f"the workflow closed ({status})"))
+            events = self._task_events(c)
+            task = c.task
+            lease = (task.run_id, task.task_version, task.token)
+            runs.append((*lease, status, result, failure, closed_at, rejection, len(events)))
+            event_types += [event_type for event_type, _ in events]
+            event_data += [dumps(data) for _, data in events]
+        columns = [list(column) for column in zip(*runs, strict=True)]
+        columns += [event_types, event_data]
+        marks = ", ".join("?" * len(columns))
+        rows = yield Stmt(ALL, f"SELECT * FROM tether_close_runs({marks})", columns, writes=True)
+        results: list[WorkflowTaskResult | None] = [None] * count
+        if rows:
+            yield touch(Change.HISTORY | Change.RUN_CLOSED | Change.UPDATE)
+        for index, next_seq, task_version in rows:
+            results[calls[index][2]] = WorkflowTaskResult(
+                task_version, next_seq - 1, [], more_work=False
+            )
         return results
 
     @staticmethod

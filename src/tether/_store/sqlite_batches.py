@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tether._store import migrations
-from tether._store.sql import together
+from tether._store.sql import GroupRun, spans
 from tether._store.sql_statements import ALL, EXEC, ONE, TOUCH, WRITE, Op
 from tether.exceptions import StoreError
 
@@ -201,24 +201,17 @@ class BatchWriter:
         can run as one operation (``together``) do so, except when isolated.
         """
         outcomes: list[Outcome] = []
-        groups = [None] * len(batch) if isolate else [_together(op) for op in batch]
-        i = 0
-        while i < len(batch):
-            run_group, end = groups[i], i + 1
-            while run_group is not None and end < len(batch) and groups[end] == run_group:
-                end += 1
-            if end - i > 1:
-                assert run_group is not None
-                done = self._run_group(run_group, batch[i:end])
+        for run_group, start, end in spans([op.make for op in batch], grouped=not isolate):
+            if run_group is not None:
+                done = self._run_group(run_group, batch[start:end])
                 if done is None:
                     return None
                 outcomes += done
             else:
-                outcome = self._run_one(batch[i], isolate)
+                outcome = self._run_one(batch[start], isolate)
                 if outcome is None:
                     return None
                 outcomes.append(outcome)
-            i = end
         return outcomes
 
     def _run_one(self, op: Request, isolate: bool) -> Outcome | None:
@@ -246,9 +239,7 @@ class BatchWriter:
             conn.execute("RELEASE op")
         return True, value
 
-    def _run_group(
-        self, run_group: Callable[..., Op[list[Any]]], group: Sequence[Request]
-    ) -> list[Outcome] | None:
+    def _run_group(self, run_group: GroupRun, group: Sequence[Request]) -> list[Outcome] | None:
         """Run ``group`` as one operation; those it leaves (None) each on their own,
         after it. None if it failed after writing."""
         conn = self._conn
@@ -272,15 +263,6 @@ class BatchWriter:
                 return None
             outcomes.append(outcome)
         return outcomes
-
-
-def _together(op: Request) -> Callable[..., Op[list[Any]]] | None:
-    """``together`` for ``op``; None if it cannot tell (malformed input fails in the
-    operation itself, alone, not in the batch around it)."""
-    try:
-        return together(op.make)
-    except Exception:
-        return None
 
 
 def store_error(e: BaseException) -> BaseException:
