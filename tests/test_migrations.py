@@ -170,6 +170,7 @@ async def test_postgres_migrations_step_by_step_equal_a_fresh_install() -> None:
             "tether_claim_activity_tasks",
             "tether_claim_workflow_tasks",
             "tether_close_runs",
+            "tether_complete_waiting_tasks",
         ]
         assert await migrate(fresh) == ([], known[-1].version)
         client = await Client.connect(opened)

@@ -13,9 +13,16 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from backends import database_url
-from groups import count_groups
-from tether import Client, InvalidArgumentError, StoreError, Worker, activity, workflow
+from backends import database_url, empty_tables, pg_fetch
+from groups import count_groups, run_nothing_together
+from tether import (
+    Client,
+    InvalidArgumentError,
+    StoreError,
+    Worker,
+    activity,
+    workflow,
+)
 from tether._store.base import (
     ACTIVITY_COMPLETED,
     ACTIVITY_SCHEDULED,
@@ -31,6 +38,7 @@ from tether._store.base import (
     UpdateState,
     WorkflowTask,
     WorkflowTaskCompletion,
+    WorkflowTaskResult,
 )
 from tether._store.changes import Change
 from tether._store.pg_statements import translate
@@ -500,22 +508,27 @@ async def test_a_claim_whose_read_back_fails_keeps_what_it_leased(
     assert [t.run_id for t in others] == [r for r in ("run-1", "run-2") if r != tasks[0].run_id]
 
 
+_CLAIMING = ("tether_claim_workflow_tasks", "tether_claim_activity_tasks")
+_COMPLETING = ("tether_close_runs", "tether_complete_waiting_tasks")
+
+
+@pytest.mark.parametrize("revoked", [_CLAIMING + _COMPLETING, _COMPLETING])
 async def test_a_role_that_cannot_call_the_functions_claims_and_closes_without_them(
-    fresh_postgres: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    fresh_postgres: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    revoked: tuple[str, ...],
 ) -> None:
     """A database whose owner revoked EXECUTE on functions from PUBLIC: a store opened
-    by a role with only table rights says so once, claims with the lease and the
-    read-back as two statements and closes runs one by one, instead of failing every
-    claim and close."""
+    by a role with only table rights says which once, and does without just those:
+    claims with the lease and the read-back as two statements, closes runs one by one,
+    instead of failing every claim and close."""
     owner = await PostgresStore.open(fresh_postgres)
     await owner.close()
     role = f"tether_limited_{secrets.token_hex(4)}"
     admin = await asyncpg.connect(fresh_postgres)
     try:
-        await admin.execute(
-            "REVOKE EXECUTE ON FUNCTION tether_claim_workflow_tasks, "
-            "tether_claim_activity_tasks, tether_close_runs FROM PUBLIC"
-        )
+        await admin.execute(f"REVOKE EXECUTE ON FUNCTION {', '.join(revoked)} FROM PUBLIC")
         await admin.execute(f"CREATE ROLE {role} LOGIN")
         await admin.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
         await admin.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
@@ -523,9 +536,10 @@ async def test_a_role_that_cannot_call_the_functions_claims_and_closes_without_t
         with caplog.at_level(logging.WARNING, logger="tether"):
             store = await PostgresStore.open(limited_url, migrate=False)
         try:
-            assert "not all executable by this role" in caplog.text
-            assert not store.dialect.functions
-            assert PostgresStore.dialect.functions  # other stores keep them
+            assert f"the functions {', '.join(revoked)} are not executable" in caplog.text
+            assert store.dialect.claim_functions == (_CLAIMING[0] not in revoked)
+            assert not store.dialect.completion_functions
+            assert PostgresStore.dialect.completion_functions  # other stores keep them
             await store.start_run(new_run(1))
             await store.start_run(new_run(2))
             tasks = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
@@ -534,8 +548,7 @@ async def test_a_role_that_cannot_call_the_functions_claims_and_closes_without_t
                 ("run-2", ["WorkflowStarted"]),
             ]
             groups = count_groups(monkeypatch)
-            closing = ((_closing(t), NOW) for t in tasks)
-            results = [r async for r in store.complete_workflow_tasks(closing, "w")]
+            results = await _together(store, [_closing(t) for t in tasks])
             assert [type(r).__name__ for r in results] == ["WorkflowTaskResult"] * 2
             assert groups == []  # each alone: the group would call tether_close_runs
             assert {r.status for r in await store.list_runs("default")} == {"completed"}
@@ -544,6 +557,7 @@ async def test_a_role_that_cannot_call_the_functions_claims_and_closes_without_t
     finally:
         await admin.execute(f"DROP OWNED BY {role}")
         await admin.execute(f"DROP ROLE {role}")
+        await admin.execute(f"GRANT EXECUTE ON FUNCTION {', '.join(revoked)} TO PUBLIC")
         await admin.close()
 
 
@@ -651,20 +665,27 @@ async def _update_request_commits_during(url: str, call: Awaitable[T]) -> T:
     """Await ``call`` while an update request for run 1 commits: after the call's
     statement took its snapshot, before it got the run's row (written here as the
     store's request does: the update, the raised inputs watermark, a queued task)."""
+    return await _commits_during(
+        url,
+        call,
+        (
+            "INSERT INTO updates (run_id, update_id, name, args, state, created_at) "
+            "VALUES ('run-1', 'u1', 'add', '[]', 'requested', $1)",
+            "UPDATE runs SET inbound_seq = next_seq WHERE run_id = 'run-1'",
+            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) "
+            "VALUES ('run-1', 'q', $1) ON CONFLICT (run_id) DO NOTHING",
+        ),
+    )
+
+
+async def _commits_during(url: str, call: Awaitable[T], statements: tuple[str, ...]) -> T:
+    """Await ``call`` while a transaction of ``statements`` (each given ``NOW`` as $1 if
+    it takes it) holds the rows it wrote, committing once ``call`` waits for one."""
     locker = await asyncpg.connect(url)
     try:
         await locker.execute("BEGIN")
-        await locker.execute(
-            "INSERT INTO updates (run_id, update_id, name, args, state, created_at) "
-            "VALUES ('run-1', 'u1', 'add', '[]', 'requested', $1)",
-            NOW,
-        )
-        await locker.execute("UPDATE runs SET inbound_seq = next_seq WHERE run_id = 'run-1'")
-        await locker.execute(
-            "INSERT INTO workflow_tasks (run_id, task_queue, visible_at) "
-            "VALUES ('run-1', 'q', $1) ON CONFLICT (run_id) DO NOTHING",
-            NOW,
-        )
+        for sql in statements:
+            await locker.execute(sql, *([NOW] if "$1" in sql else []))
         running = asyncio.ensure_future(call)
         deadline = time.monotonic() + 5
         while not await pg_column(
@@ -762,11 +783,7 @@ async def test_closing_tasks_that_meet_in_a_batch_close_together_and_clean_up_af
         await store.start_run(new_run(n))
     closing += map(_closing, await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW))
 
-    async def complete_all() -> list[Any]:
-        completions = ((c, NOW) for c in closing)
-        return [outcome async for outcome in store.complete_workflow_tasks(completions, "w")]
-
-    results = await _update_request_commits_during(fresh_postgres, complete_all())
+    results = await _update_request_commits_during(fresh_postgres, _together(store, closing))
     assert groups == [5]
     assert [type(r).__name__ for r in results] == ["WorkflowTaskResult"] * 5
     for c, result in zip(closing, results, strict=True):
@@ -791,3 +808,168 @@ def _closing(task: WorkflowTask) -> WorkflowTaskCompletion:
         inputs_through=task.history_length,
         close=RunClose("completed", task.run_id),
     )
+
+
+async def _together(
+    store: PostgresStore, completions: list[WorkflowTaskCompletion]
+) -> list[WorkflowTaskResult | Exception]:
+    """Record ``completions`` as the worker does a batch of them: all queued at once."""
+    pairs = ((c, NOW) for c in completions)
+    return [outcome async for outcome in store.complete_workflow_tasks(pairs, "w")]
+
+
+async def test_tasks_that_leave_their_runs_waiting_complete_together_in_a_batch(
+    fresh_postgres: str, postgres_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Completions that leave their runs waiting (each on a timer it starts) and share
+    a transaction run as one call. A run that got input while its row was waited for
+    (an update request) is completed on its own instead, its next task queued."""
+    groups = count_groups(monkeypatch)
+    store = postgres_store
+    for n in range(1, 6):
+        await store.start_run(new_run(n))
+    sleeping = [
+        WorkflowTaskCompletion(
+            task=task,
+            events=[(TIMER_STARTED, {"seq": 1, "fire_at": NOW + 5})],
+            inputs_through=task.history_length,
+            timers=[(1, NOW + 5)],
+        )
+        for task in await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
+    ]
+    assert [c.task.run_id for c in sleeping] == [f"run-{n}" for n in range(1, 6)]
+    results = await _update_request_commits_during(fresh_postgres, _together(store, sleeping))
+    assert groups == [5]
+    for c, result in zip(sleeping, results, strict=True):
+        assert isinstance(result, WorkflowTaskResult), result
+        assert result.more_work == (c.task.run_id == "run-1")
+        assert result.history_length == c.task.history_length + 2
+        history = await store.read_history(c.task.run_id, after_seq=c.task.history_length)
+        assert [e.type for e in history] == [TIMER_STARTED, WORKFLOW_TASK_COMPLETED]
+    (queued,) = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW + 1)
+    assert queued.run_id == "run-1" and queued.has_updates
+    assert await store.fire_due_timers(NOW + 5, 10) == 5
+
+
+async def test_a_group_held_up_by_a_row_lock_sets_aside_only_the_waiting_operation(
+    fresh_postgres: str, postgres_store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row held elsewhere past the lock timeout fails the group's one call: the batch
+    runs its operations again one by one, so that only the one that waited steps back
+    (to run again later) and the others commit at once, instead of the group being
+    retried one member fewer at a time."""
+    store = postgres_store
+    for n in range(1, 7):
+        await store.start_run(new_run(n))
+    tasks = await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)
+    groups = count_groups(monkeypatch)
+    locker = await asyncpg.connect(fresh_postgres)
+    try:
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM runs WHERE run_id = 'run-6' FOR UPDATE")
+        calls = [
+            asyncio.ensure_future(store.complete_workflow_task(_closing(t), "w", NOW))
+            for t in tasks
+        ]
+        await asyncio.wait_for(asyncio.gather(*calls[:5]), 10)
+        assert not calls[5].done()  # still waiting for run 6's row
+        await locker.execute("COMMIT")
+        results = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    finally:
+        await locker.close()
+    assert [type(r).__name__ for r in results] == ["WorkflowTaskResult"] * 6
+    assert groups == [6]  # tried once as a group, then one by one
+    assert {r.status for r in await store.list_runs("default")} == {"completed"}
+
+
+async def _mixed_completions(store: PostgresStore) -> list[str]:
+    """Six runs whose tasks complete in one batch: four close (one failing, one with a
+    signal come in since its claim, one whose lease was lost), two leave their runs
+    waiting on timers; events of different counts and data. Their outcomes' types."""
+    for n in range(1, 7):
+        await store.start_run(new_run(n))
+    tasks = {t.run_id: t for t in await store.claim_workflow_tasks("q", "w", 10, NOW + 60, NOW)}
+    await store.signal_run("default", "wf-3", None, "poke", [3], NOW)
+    tasks["run-4"] = dataclasses.replace(tasks["run-4"], token="lost")
+
+    def marks(n: int) -> list[tuple[str, dict[str, Any]]]:
+        return [("MarkerRecorded", {"name": f"m{k}", "value": [n, k]}) for k in range(n)]
+
+    def waiting(task: WorkflowTask, timers: list[tuple[int, float]]) -> WorkflowTaskCompletion:
+        started = [(TIMER_STARTED, {"seq": seq, "fire_at": at}) for seq, at in timers]
+        return WorkflowTaskCompletion(
+            task=task,
+            events=[*marks(len(timers)), *started],
+            inputs_through=task.history_length,
+            timers=timers,
+        )
+
+    failed = _closing(tasks["run-2"])
+    failure = {"kind": "application", "type": "Oops", "message": "it failed"}
+    failed.events = [("WorkflowFailed", {"failure": failure})]
+    failed.close = RunClose("failed", failure=failure)
+
+    def closing(task: WorkflowTask, markers: int) -> WorkflowTaskCompletion:
+        plain = _closing(task)
+        return dataclasses.replace(plain, events=[*marks(markers), *plain.events])
+
+    completions = [
+        closing(tasks["run-1"], 1),
+        failed,
+        closing(tasks["run-3"], 4),
+        _closing(tasks["run-4"]),
+        waiting(tasks["run-5"], [(7, NOW + 5), (8, NOW + 9)]),
+        waiting(tasks["run-6"], [(2, NOW + 3)]),
+    ]
+    return [type(r).__name__ for r in await _together(store, completions)]
+
+
+async def _tables(url: str) -> dict[str, list[Any]]:
+    queries = {
+        "runs": "SELECT run_id, status, result, failure, closed_at, next_seq, inbound_seq, "
+        "task_version FROM runs",
+        "history": "SELECT * FROM history",
+        "timers": "SELECT * FROM timers",
+        "workflow_tasks": "SELECT run_id, visible_at, attempt, owner IS NULL FROM workflow_tasks",
+    }
+    return {
+        table: sorted(tuple(row) for row in await pg_fetch(url, sql))
+        for table, sql in queries.items()
+    }
+
+
+async def test_completions_in_one_call_leave_the_database_as_one_by_one_they_do(
+    fresh_postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of closing and waiting completions, run grouped (one call of each of the
+    schema's functions) and one by one, leaves every table the same and gets the same
+    outcomes: events of any count and data in place, a failure's encoding, a lost
+    lease failing only its own."""
+    groups = count_groups(monkeypatch)
+    store = await PostgresStore.open(fresh_postgres)
+    try:
+        grouped = await _mixed_completions(store)
+    finally:
+        await store.close()
+    # (The waiting ones commit without waiting for the disk: on another connection.)
+    assert sorted(groups) == [2, 4]
+    after_grouped = await _tables(fresh_postgres)
+    await empty_tables(fresh_postgres)
+    run_nothing_together(monkeypatch)
+    store = await PostgresStore.open(fresh_postgres)
+    try:
+        alone = await _mixed_completions(store)
+    finally:
+        await store.close()
+    assert (
+        alone
+        == grouped
+        == ["WorkflowTaskResult"] * 3 + ["StaleTaskError"] + ["WorkflowTaskResult"] * 2
+    )
+    assert await _tables(fresh_postgres) == after_grouped
+    history = [row for row in after_grouped["history"] if row[0] == "run-3"]
+    assert [row[2] for row in history][-6:] == ["MarkerRecorded"] * 4 + [
+        WORKFLOW_COMPLETED,
+        WORKFLOW_TASK_COMPLETED,
+    ]
+    assert [row[0] for row in after_grouped["timers"]] == ["run-5", "run-5", "run-6"]

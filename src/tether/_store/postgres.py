@@ -68,14 +68,17 @@ subtransactions per transaction beyond which PostgreSQL slows down for everyone.
 
 _MAX_DUPLICATE_RETRIES = 5
 
-_FUNCTIONS_CALLABLE = (
-    "SELECT count(*) = 3 FROM pg_proc p WHERE p.proname IN "
-    "('tether_claim_workflow_tasks', 'tether_claim_activity_tasks', 'tether_close_runs') "
+_CLAIM_FUNCTIONS = ("tether_claim_workflow_tasks", "tether_claim_activity_tasks")
+"""Migration 0003's functions (``Dialect.claim_functions``)."""
+_COMPLETION_FUNCTIONS = ("tether_close_runs", "tether_complete_waiting_tasks")
+"""Migration 0004's functions (``Dialect.completion_functions``)."""
+_CALLABLE_FUNCTIONS = (
+    "SELECT p.proname FROM pg_proc p WHERE p.proname = ANY($1::text[]) "
     "AND p.pronamespace = current_schema()::regnamespace "
     "AND has_function_privilege(p.oid, 'EXECUTE')"
 )
-"""Whether this role can call the schema's functions, which save round trips (a
-database whose owner revoked EXECUTE from PUBLIC may not let it)."""
+"""Which of the schema's functions this role can call (a database whose owner revoked
+EXECUTE from PUBLIC may not let it)."""
 
 _READ_PREFIXES = ("SELECT", "SHOW")
 """Statements that cannot write; any other (``WITH`` over an ``INSERT``...) may."""
@@ -271,13 +274,16 @@ _Results = list[tuple[_Write, bool, Any]]
 
 
 class _Failed:
-    """The operation at ``index`` of a batch failed in a way that spoils the transaction."""
+    """The operation at ``index`` of a batch failed in a way that spoils the transaction;
+    ``in_group``: it was the first of a group run as one (``together``), and which of
+    them failed is unknown."""
 
-    __slots__ = ("error", "index")
+    __slots__ = ("error", "in_group", "index")
 
-    def __init__(self, index: int, error: BaseException) -> None:
+    def __init__(self, index: int, error: BaseException, in_group: bool = False) -> None:
         self.index = index
         self.error = error
+        self.in_group = in_group
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -299,7 +305,13 @@ async def _keepalive(conn: asyncpg.Connection) -> None:
 class PostgresStore(SqlStore):
     """A store in a PostgreSQL database. Open it with ``await PostgresStore.open(url)``."""
 
-    dialect = Dialect(row_locks=True, json_functions="jsonb", writes_in_with=True, functions=True)
+    dialect = Dialect(
+        row_locks=True,
+        json_functions="jsonb",
+        writes_in_with=True,
+        claim_functions=True,
+        completion_functions=True,
+    )
 
     def __init__(
         self,
@@ -411,6 +423,25 @@ class PostgresStore(SqlStore):
                     f"cannot connect to PostgreSQL at {self.display_url}: {e}", retryable=False
                 ) from None
 
+    async def _check_functions(self, conn: asyncpg.Connection) -> None:
+        """Do without the schema's functions this role may not call (saying so once)."""
+        names = [*_CLAIM_FUNCTIONS, *_COMPLETION_FUNCTIONS]
+        callable_ = {row[0] for row in await conn.fetch(_CALLABLE_FUNCTIONS, names)}
+        missing = [name for name in names if name not in callable_]
+        if not missing:
+            return
+        logger.warning(
+            "the functions %s are not executable by this role on %s: claims or completions "
+            "take more round trips without them; GRANT EXECUTE on them to the role",
+            ", ".join(missing),
+            self.display_url,
+        )
+        self.dialect = dataclasses.replace(
+            self.dialect,
+            claim_functions=callable_.issuperset(_CLAIM_FUNCTIONS),
+            completion_functions=callable_.issuperset(_COMPLETION_FUNCTIONS),
+        )
+
     async def _start(self, migrate: bool) -> None:
         conn = await self._connect_patiently()
         try:
@@ -421,14 +452,7 @@ class PostgresStore(SqlStore):
                     logger.info("applied migrations to %s: %s", self.display_url, labels)
             else:
                 await migrations.check_postgres(conn)
-            if not await conn.fetchval(_FUNCTIONS_CALLABLE):
-                logger.warning(
-                    "the functions of migrations 0003 and 0004 (tether_claim_*, "
-                    "tether_close_runs) are not all executable by this role on %s: claims "
-                    "and closing runs take more round trips; GRANT EXECUTE on them to the role",
-                    self.display_url,
-                )
-                self.dialect = dataclasses.replace(self.dialect, functions=False)
+            await self._check_functions(conn)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -595,17 +619,23 @@ class PostgresStore(SqlStore):
         # One operation alone: its transaction begins with its first statement, which may
         # commit by itself (``Stmt.alone``): no BEGIN and COMMIT round trips then.
         alone = _Effects(unbegun=True) if len(batch) == 1 else None
+        grouped = True
         try:
             while True:
                 if alone is None:
                     await conn.execute("BEGIN")
-                outcome = await self._run_ops(conn, pending, isolate=False, first=alone)
+                outcome = await self._run_ops(conn, pending, False, alone, grouped)
                 if not isinstance(outcome, _Failed):
                     break
                 # An operation failed after writing, or a statement failed (which aborts
                 # a PostgreSQL transaction): roll back.
                 if conn.is_in_transaction():
                     await conn.execute("ROLLBACK")
+                if outcome.in_group:
+                    # Run them one by one to find which it was (a row lock held elsewhere
+                    # would else hold back the group's others, one retry at a time).
+                    grouped = False
+                    continue
                 error = _classify(outcome.error, "a write")
                 if isinstance(error, _NotApplied) or len(pending) == 1:
                     # A deadlock, lock timeout or key race with another transaction: that
@@ -689,15 +719,16 @@ class PostgresStore(SqlStore):
         batch: list[_Write],
         isolate: bool,
         first: _Effects | None = None,
+        grouped: bool = True,
     ) -> tuple[_Results, int] | _Failed:
         """Run each operation: (results, the kinds of work they touched), or, unless
         ``isolate`` (a savepoint per operation), the failure that needs the transaction
         rolled back. ``first``: the effects of the first operation, when it runs with no
-        transaction begun. Neighbours that can run as one operation (``together``) do
-        so, unless isolated: a few set-based statements instead of some each."""
+        transaction begun. With ``grouped``, neighbours that can run as one operation
+        (``together``) do so, unless isolated: one call instead of a statement each."""
         results: _Results = []
         changes = 0
-        grouped = not isolate and first is None
+        grouped = grouped and not isolate and first is None
         for run_group, start, end in spans([w.make for w in batch], grouped):
             alone: Sequence[int] = range(start, end)
             if run_group is not None:
@@ -708,7 +739,7 @@ class PostgresStore(SqlStore):
                 except Exception as e:
                     if isinstance(e, _CONNECTION_ERRORS):
                         raise
-                    return _Failed(start, e)  # (its statements spoil the transaction)
+                    return _Failed(start, e, in_group=True)
                 changes |= done.changes
                 pairs = list(zip(alone, values, strict=True))
                 results += [(batch[i], True, v) for i, v in pairs if v is not None]

@@ -44,13 +44,18 @@ def together(make: Callable[[], Op[Any]]) -> GroupRun | None:
         and getattr(func, "__func__", None) is SqlStore._complete_workflow_task
     ):
         return None
-    if store.dialect.row_locks and not store.dialect.functions:
-        return None  # (other writers: grouped, they need ``tether_close_runs``)
+    dialect = store.dialect
+    if dialect.row_locks and not dialect.completion_functions:
+        return None  # (with other writers, a group is a call of a function of the schema)
     try:
-        closes_alone = store._closes_alone(make.args[0])  # type: ignore[attr-defined]
+        completion = make.args[0]  # type: ignore[attr-defined]
+        if store._closes_alone(completion):
+            return store._complete_closing_tasks
+        if dialect.row_locks and store._waits_alone(completion):
+            return store._complete_waiting_tasks
     except Exception:
-        return None
-    return store._complete_closing_tasks if closes_alone else None
+        pass
+    return None
 
 
 def spans(

@@ -321,7 +321,7 @@ class SqlCore(Store):
     def _claim_function(self, name: str, params: tuple[Any, ...]) -> Stmt | None:
         """A call of the schema's function ``name`` that leases tasks and reads them
         back in one statement (``LeaseAndRead.together``); None if the backend has none."""
-        if not self.dialect.functions:
+        if not self.dialect.claim_functions:
             return None
         marks = ", ".join("?" * len(params))
         return Stmt(ALL, f"SELECT * FROM {name}({marks})", params, alone=True, writes=True)

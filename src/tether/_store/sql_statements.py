@@ -103,11 +103,12 @@ class Dialect:
     writes_in_with: bool = False
     """Whether ``WITH`` may hold INSERT/UPDATE/DELETE: dependent writes in one statement
     (one round trip to a server instead of several)."""
-    functions: bool = False
-    """Whether the schema's functions may be called: they do in one call what takes
-    several statements (round trips) otherwise: lease tasks and read them back
-    (``tether_claim_workflow_tasks``, ``tether_claim_activity_tasks``), close many runs
-    (``tether_close_runs``)."""
+    claim_functions: bool = False
+    """Whether the schema's functions that lease tasks and read them back in one call
+    (``tether_claim_workflow_tasks``, ``tether_claim_activity_tasks``) may be called."""
+    completion_functions: bool = False
+    """Whether the schema's functions that complete many workflow tasks in one call
+    (``tether_close_runs``, ``tether_complete_waiting_tasks``) may be called."""
 
     def json_field_equals(self, column: str, key: str, value: Any) -> tuple[str, list[Any]]:
         """A condition (and its parameters): the JSON object in text ``column`` has ``key``

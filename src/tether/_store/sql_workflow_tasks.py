@@ -57,6 +57,9 @@ _TIMER = int(Change.TIMER)
 _ACTIVITY_TASK = int(Change.ACTIVITY_TASK)
 _CLOSED = int(Change.RUN_CLOSED | Change.UPDATE)
 
+_Calls = list[tuple[WorkflowTaskCompletion, float, int]]
+"""The completions of a group: (completion, its time, its index in the group)."""
+
 
 class SqlWorkflowTasks(SqlRuns):
     """Claiming workflow tasks and recording their completions."""
@@ -214,6 +217,18 @@ class SqlWorkflowTasks(SqlRuns):
             and self._nothing_after(c)
         )
 
+    def _waits_alone(self, c: WorkflowTaskCompletion) -> bool:
+        """Whether ``c`` leaves its run waiting (on the timers it starts, or for input)
+        with no other write than its events and timers: ``_complete_waiting_tasks`` can
+        take it where the schema has ``tether_complete_waiting_tasks``."""
+        return (
+            c.close is None
+            and c.record
+            and not c.activities
+            and self._nothing_after(c)
+            and self.dialect.completion_functions
+        )
+
     def _complete_closing_tasks(
         self, makes: list[partial[Op[WorkflowTaskResult]]]
     ) -> Op[list[WorkflowTaskResult | None]]:
@@ -223,12 +238,9 @@ class SqlWorkflowTasks(SqlRuns):
         does not match (a lost lease, a parent or running children to tell) gets None:
         its own completion, run after these, does what is left or raises. These runs
         touch no other run, so doing them first changes nothing for the others."""
-        calls: dict[str, tuple[WorkflowTaskCompletion, float, int]] = {}
-        for i, make in enumerate(makes):
-            c, _owner, now = make.args
-            calls.setdefault(c.task.run_id, (c, now, i))  # a repeat runs alone, after
         if self.dialect.row_locks:
-            return (yield from self._close_runs_in_one_call(list(calls.values()), len(makes)))
+            return (yield from self._close_runs_in_one_call(self._calls(makes), len(makes)))
+        calls = {c.task.run_id: (c, now, i) for c, now, i in self._calls(makes)}
         params: list[Any] = []
         for c, now, _ in calls.values():
             _, columns = self._close_columns(c, now)
@@ -262,34 +274,91 @@ class SqlWorkflowTasks(SqlRuns):
         return results
 
     def _close_runs_in_one_call(
-        self, calls: list[tuple[WorkflowTaskCompletion, float, int]], count: int
+        self, calls: _Calls, count: int
     ) -> Op[list[WorkflowTaskResult | None]]:
         """``_complete_closing_tasks`` where other transactions write meanwhile: one call
-        of the schema's ``tether_close_runs``, which does for each run what its lone
-        closing statement would (with the cleanup seeing what committed meanwhile), by
-        primary key. ``calls``: (completion, now, index among ``count`` results)."""
+        of the schema's ``tether_close_runs`` (the cleanup sees what committed while the
+        close waited). ``calls``: (completion, now, its index among ``count`` results)."""
+        own: list[tuple[Any, ...]] = []
+        for c, now, _ in calls:
+            status, result, failure, _closed_at, _next_run = self._close_columns(c, now)[1]
+            rejection = dumps(self._closed_failure(f"the workflow closed ({status})"))
+            own.append((status, result, failure, rejection))
+        columns = self._task_columns(calls) + _transposed(own, 4)
+        changes = Change.HISTORY | Change.RUN_CLOSED | Change.UPDATE
+        return (
+            yield from self._complete_in_one_call(
+                "tether_close_runs", columns, calls, count, changes
+            )
+        )
+
+    def _complete_waiting_tasks(
+        self, makes: list[partial[Op[WorkflowTaskResult]]]
+    ) -> Op[list[WorkflowTaskResult | None]]:
+        """``_complete_workflow_task`` of many runs that ``_waits_alone``, in one call of
+        the schema's ``tether_complete_waiting_tasks`` (where it has one). A run that got
+        input since its task read it (or lost its lease) gets None: its own completion,
+        run after, queues its next task or raises."""
+        calls = self._calls(makes)
+        own: list[tuple[Any, ...]] = []
+        timer_seqs: list[int] = []
+        timer_fire_at: list[float] = []
+        for c, _now, _ in calls:
+            own.append((c.inputs_through, len(c.timers)))
+            timer_seqs += [seq for seq, _ in c.timers]
+            timer_fire_at += [fire_at for _, fire_at in c.timers]
+        columns = [*self._task_columns(calls), *_transposed(own, 2), timer_seqs, timer_fire_at]
+        changes = Change.HISTORY | (Change.TIMER if timer_seqs else Change(0))
+        function = "tether_complete_waiting_tasks"
+        return (
+            yield from self._complete_in_one_call(function, columns, calls, len(makes), changes)
+        )
+
+    @staticmethod
+    def _calls(
+        makes: list[partial[Op[WorkflowTaskResult]]],
+    ) -> _Calls:
+        """The completions a group of ``_complete_workflow_task`` operations record, with
+        their time and index; a second one of the same run is left out (it runs alone,
+        after the group)."""
+        calls: dict[str, tuple[WorkflowTaskCompletion, float, int]] = {}
+        for i, make in enumerate(makes):
+            c, _owner, now = make.args
+            calls.setdefault(c.task.run_id, (c, now, i))
+        return list(calls.values())
+
+    def _task_columns(self, calls: _Calls) -> list[list[Any]]:
+        """The arguments every function of migration 0004 begins with: per run its id,
+        task version, lease token, count of events and time; then the events' types
+        and data, run after run."""
         runs: list[tuple[Any, ...]] = []
         event_types: list[str] = []
         event_data: list[str] = []
         for c, now, _ in calls:
-            assert c.close is not None
-            status, result, failure, closed_at, _next_run = self._close_columns(c, now)[1]
-            rejection = dumps(self._closed_failure(f"the workflow closed ({status})"))
-            events = self._task_events(c)
             task = c.task
-            lease = (task.run_id, task.task_version, task.token)
-            runs.append((*lease, status, result, failure, closed_at, rejection, len(events)))
+            events = self._task_events(c)
+            runs.append((task.run_id, task.task_version, task.token, len(events), now))
             event_types += [event_type for event_type, _ in events]
             event_data += [dumps(data) for _, data in events]
-        columns = [list(column) for column in zip(*runs, strict=True)]
-        columns += [event_types, event_data]
+        return [*_transposed(runs, 5), event_types, event_data]
+
+    @staticmethod
+    def _complete_in_one_call(
+        function: str,
+        columns: list[list[Any]],
+        calls: _Calls,
+        count: int,
+        changes: Change,
+    ) -> Op[list[WorkflowTaskResult | None]]:
+        """Call ``function`` of migration 0004 with ``columns``: the result of each run it
+        completed at its index among ``count`` (None for the others)."""
         marks = ", ".join("?" * len(columns))
-        rows = yield Stmt(ALL, f"SELECT * FROM tether_close_runs({marks})", columns, writes=True)
+        rows = yield Stmt(ALL, f"SELECT * FROM {function}({marks})", columns, writes=True)
         results: list[WorkflowTaskResult | None] = [None] * count
         if rows:
-            yield touch(Change.HISTORY | Change.RUN_CLOSED | Change.UPDATE)
-        for index, next_seq, task_version in rows:
-            results[calls[index][2]] = WorkflowTaskResult(
+            yield touch(changes)
+        for position, next_seq, task_version in rows:
+            results[calls[position][2]] = WorkflowTaskResult(
                 task_version, next_seq - 1, [], more_work=False
             )
         return results
@@ -690,3 +759,8 @@ class SqlWorkflowTasks(SqlRuns):
                 "UPDATE runs SET task_failure = ? WHERE run_id = ?",
                 (dumps(failure), task.run_id),
             )
+
+
+def _transposed(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows of ``width`` values as ``width`` columns (lists), also when there are none."""
+    return [[row[k] for row in rows] for k in range(width)]

@@ -1,3 +1,0 @@
--- PostgreSQL only (a function that closes many runs in one round trip). SQLite closes
--- them with a few set-based statements in its own process, where a statement costs no
--- round trip: nothing changes here.

@@ -1,0 +1,3 @@
+-- PostgreSQL only (functions that complete many workflow tasks in one round trip).
+-- SQLite closes such runs with a few set-based statements in its own process, where a
+-- statement costs no round trip: nothing changes here.
