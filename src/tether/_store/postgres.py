@@ -431,8 +431,9 @@ class PostgresStore(SqlStore):
         if not missing:
             return
         logger.warning(
-            "the functions %s are not executable by this role on %s: claims or completions "
-            "take more round trips without them; GRANT EXECUTE on them to the role",
+            "the functions %s are missing or not executable by this role on %s: claims or "
+            "completions take more round trips without them; migrate the schema (tether db "
+            "migrate URL) or GRANT EXECUTE on them to the role",
             ", ".join(missing),
             self.display_url,
         )
