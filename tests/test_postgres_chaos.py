@@ -146,7 +146,8 @@ async def test_kills_and_a_database_restart_lose_nothing(
         if n == 2:
             restart_took = await asyncio.to_thread(restart_postgres)
         await workers.wait_ready(live[-1])
-    assert ledger_count(ledger) < total, "the run ended before the chaos did; slow it down"
+    # The last kill came while work was left (its replacement may start after the end).
+    assert len(kills[-1].completed) < total, "the run ended before the chaos did; slow it down"
     await signaller
 
     try:
