@@ -625,7 +625,7 @@ class PostgresStore(SqlStore):
             while True:
                 if alone is None:
                     await conn.execute("BEGIN")
-                outcome = await self._run_ops(conn, pending, False, alone, grouped)
+                outcome = await self._run_ops(conn, pending, False, first=alone, grouped=grouped)
                 if not isinstance(outcome, _Failed):
                     break
                 # An operation failed after writing, or a statement failed (which aborts
@@ -730,13 +730,14 @@ class PostgresStore(SqlStore):
         results: _Results = []
         changes = 0
         grouped = grouped and not isolate and first is None
-        for run_group, start, end in spans([w.make for w in batch], grouped):
+        makes = [w.make for w in batch]
+        for run_group, start, end in spans(makes, grouped):
             alone: Sequence[int] = range(start, end)
             if run_group is not None:
                 done = _Effects()
-                makes = [w.make for w in batch[start:end]]
+                group = functools.partial(run_group, makes[start:end])
                 try:
-                    values = await _drive(functools.partial(run_group, makes), conn, done)
+                    values = await _drive(group, conn, done)
                 except Exception as e:
                     if isinstance(e, _CONNECTION_ERRORS):
                         raise

@@ -220,14 +220,8 @@ class SqlWorkflowTasks(SqlRuns):
     def _waits_alone(self, c: WorkflowTaskCompletion) -> bool:
         """Whether ``c`` leaves its run waiting (on the timers it starts, or for input)
         with no other write than its events and timers: ``_complete_waiting_tasks`` can
-        take it where the schema has ``tether_complete_waiting_tasks``."""
-        return (
-            c.close is None
-            and c.record
-            and not c.activities
-            and self._nothing_after(c)
-            and self.dialect.completion_functions
-        )
+        take it (``together`` checks that the schema's function may be called)."""
+        return c.close is None and c.record and not c.activities and self._nothing_after(c)
 
     def _complete_closing_tasks(
         self, makes: list[partial[Op[WorkflowTaskResult]]]
