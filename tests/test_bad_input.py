@@ -8,6 +8,7 @@ store's tables are as they were).
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -201,6 +202,19 @@ async def test_oversize_argument_is_rejected(env: WorkflowEnvironment, value: An
     # Just under the limit is fine.
     await small.start_workflow(TakesAnything, "z" * 150, id="small", task_queue="test")
     assert [d.workflow_id for d in await env.client.list_workflows()] == ["small"]
+
+
+@pytest.mark.parametrize("value", [1.2345678901234567e-300, -(1 << 63), 1 << 70, True, None])
+def test_small_values_are_measured_against_a_tiny_limit(value: Any) -> None:
+    """Numbers, booleans and None skip measuring their JSON under a normal limit; under a
+    limit too small for them they are measured, and refused when over it."""
+    assert PayloadConverter().encode(value, "result") == value
+    size = len(json.dumps(value))
+    tiny = PayloadConverter(max_payload_bytes=size - 1) if size > 1 else None
+    if tiny is not None:
+        with pytest.raises(PayloadError, match="over the limit"):
+            tiny.encode(value, "result")
+    assert PayloadConverter(max_payload_bytes=size).encode(value, "result") == value
 
 
 async def test_oversize_argument_via_connect(env: WorkflowEnvironment) -> None:

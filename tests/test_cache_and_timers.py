@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import time
@@ -15,7 +16,7 @@ import pytest
 
 from tether import Worker, activity, workflow
 from tether._runtime.definitions import workflow_definition
-from tether._runtime.instance import WorkflowInfo, WorkflowInstance
+from tether._runtime.instance import WorkflowInfo, WorkflowInstance, WorkflowTaskFailure
 from tether._store.base import WORKFLOW_STARTED, Event
 from tether.converter import PayloadConverter
 from tether.testing import WorkflowEnvironment
@@ -123,6 +124,56 @@ def test_finished_tasks_do_not_pile_up_in_a_run() -> None:
     commands = instance.apply([started], 0.0)
     assert commands == [("WorkflowCompleted", {"result": 40 * sum(range(50))})]
     assert len(instance._tasks) <= 1  # of 2,001 created: the finished main task at most
+    instance.evict()
+
+
+def test_workflow_info_from_started_sets_every_field() -> None:
+    """``from_started`` fills the frozen dataclass directly (it runs for every replay):
+    it must set each field, as the constructor would."""
+    started = {
+        "namespace": "ns",
+        "workflow_id": "w",
+        "workflow_type": "t",
+        "task_queue": "q",
+        "memo": {"m": 1},
+        "search_attributes": {"s": 2},
+        "parent_run_id": "parent",
+    }
+    info = WorkflowInfo.from_started("run", 5.0, started)
+    expected = WorkflowInfo("ns", "w", "run", "t", "q", 5.0, {"m": 1}, {"s": 2}, "parent")
+    assert info == expected
+    assert vars(info) == vars(expected)  # every field, none extra
+    assert info.memo is not started["memo"]  # a copy: upserts do not touch the event
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.workflow_id = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("arg", "outcome"),
+    [
+        (3, ("WorkflowCompleted", {"result": 3})),
+        ("three", "WorkflowFailed"),  # a value that does not decode fails the run
+    ],
+)
+def test_workflow_arguments_decode_into_run(arg: Any, outcome: Any) -> None:
+    instance, started = _started(Returns, arg)
+    commands = instance.apply([started], 0.0)
+    if isinstance(outcome, str):
+        [(event_type, data)] = commands
+        assert event_type == outcome
+        assert "workflow argument 1" in data["failure"]["message"]
+    else:
+        assert commands == [outcome]
+    instance.evict()
+
+
+def test_workflow_arguments_that_do_not_bind_fail_the_task_not_the_run() -> None:
+    """Too many arguments for ``run`` is a code/deploy mismatch (TypeError): the task is
+    retried, as when ``run`` itself raises a TypeError, rather than the run failing."""
+    instance, started = _started(Returns, 1)
+    started.data["args"] = [1, 2]
+    with pytest.raises(WorkflowTaskFailure, match="TypeError"):
+        instance.apply([started], 0.0)
     instance.evict()
 
 

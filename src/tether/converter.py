@@ -29,6 +29,9 @@ def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
 
 _AS_IS = (str, int, float, bool)
 """Types whose values are JSON as they are, and decode into themselves unchanged."""
+_I64 = 1 << 63
+_SHORT_JSON = 32
+"""Bytes that the JSON of None, a bool, a float or a 64-bit int never exceeds."""
 
 
 class PayloadConverter:
@@ -41,7 +44,16 @@ class PayloadConverter:
 
     def encode(self, value: Any, what: str) -> Any:
         """Return JSON-compatible data for ``value``; ``what`` names it in errors."""
-        if value is None or type(value) in _AS_IS:
+        kind = type(value)
+        short = (
+            value is None
+            or kind is bool
+            or kind is float
+            or (kind is int and -_I64 <= value < _I64)
+        )
+        if short and self.max_payload_bytes >= _SHORT_JSON:
+            return value  # within any limit but the tiniest, without measuring its JSON
+        if kind in _AS_IS:
             data = value
         else:
             try:
@@ -69,10 +81,8 @@ class PayloadConverter:
 
     def decode(self, data: Any, hint: Any, what: str) -> Any:
         """Validate ``data`` into ``hint`` (no conversion for a missing or ``Any`` hint)."""
-        if hint is None or hint is Any or hint is inspect.Parameter.empty:
+        if _as_is(data, hint):
             return data
-        if type(data) is hint and hint in _AS_IS:
-            return data  # what validation would return, without its cost
         try:
             return _adapter(hint).validate_python(data)
         except pydantic.ValidationError as e:
@@ -84,8 +94,22 @@ class PayloadConverter:
         out = []
         for i, item in enumerate(data):
             hint = hints[i] if i < len(hints) else None
-            out.append(self.decode(item, hint, f"{what} argument {i + 1}"))
+            if _as_is(item, hint):  # (spares the name for errors: a format per argument)
+                out.append(item)
+            else:
+                out.append(self.decode(item, hint, f"{what} argument {i + 1}"))
         return out
+
+
+def _as_is(data: Any, hint: Any) -> bool:
+    """Whether ``data`` decodes into ``hint`` as itself: no hint to convert to, or a
+    value of a JSON type already (what validation would return, without its cost)."""
+    return (
+        hint is None
+        or hint is Any
+        or hint is inspect.Parameter.empty
+        or (type(data) is hint and hint in _AS_IS)
+    )
 
 
 def signature_hints(fn: Callable[..., Any], skip_self: bool = False) -> tuple[list[Any], Any]:

@@ -131,7 +131,10 @@ class WorkflowInfo:
     @classmethod
     def from_started(cls, run_id: str, start_time: float, started: dict[str, Any]) -> WorkflowInfo:
         """Built from a run's ``WorkflowStarted`` event data."""
-        return cls(
+        # Every replay builds one: filled in directly, as a frozen dataclass's __init__
+        # sets each field through object.__setattr__ (2.4 against 1.0 µs).
+        info = object.__new__(cls)
+        info.__dict__.update(
             namespace=started.get("namespace", "default"),
             workflow_id=started["workflow_id"],
             run_id=run_id,
@@ -142,6 +145,7 @@ class WorkflowInfo:
             search_attributes=dict(started.get("search_attributes") or {}),
             parent_run_id=started.get("parent_run_id"),
         )
+        return info
 
 
 class _DurableTimer(asyncio.TimerHandle):
@@ -162,13 +166,18 @@ class _DurableTimer(asyncio.TimerHandle):
     def cancel(self) -> None:
         # asyncio.sleep cancels its timer handle even after it fired (then ``seq`` is
         # None): only a pending durable timer needs its cancellation recorded.
-        if self._cancelled:  # type: ignore[attr-defined]
+        if self._cancelled:  # type: ignore[has-type]
             return
         if self.seq is not None:
             loop = self._loop  # type: ignore[attr-defined]
             assert isinstance(loop, WorkflowInstance)
             loop._cancel_timer(self)
-        super().cancel()
+        # What Handle.cancel does with debug off (ours always is), without the calls up
+        # the chain (to the loop's no-op _timer_handle_cancelled and get_debug): every
+        # asyncio.sleep ends here.
+        self._cancelled = True
+        self._callback = None
+        self._args = None  # type: ignore[assignment]
 
 
 class WorkflowInstance(asyncio.AbstractEventLoop):
@@ -242,6 +251,22 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         """
         self.rejected_updates = []
         self.read_new_inputs = False
+        # This instance is the running loop for the whole call (every block it replays
+        # and the new activation), switched once rather than per activation.
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            return self._apply(events, now, activate_new, updates)
+        finally:
+            asyncio.events._set_running_loop(previous)
+
+    def _apply(
+        self,
+        events: list[Event],
+        now: float,
+        activate_new: bool,
+        updates: list[UpdateRequest] | None,
+    ) -> list[Command]:
         skip_from, skip_to = self._committed
         for event in events:
             if event.seq <= self.last_seq:
@@ -321,25 +346,22 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
     def _activate(
         self, inbound: list[Event], now: float, then: Callable[[], None] | None = None
     ) -> None:
+        """Deliver ``inbound`` and run the workflow until it waits (called by ``apply``,
+        with this instance as the running loop)."""
         self._now = now
-        previous = asyncio.events._get_running_loop()
-        asyncio.events._set_running_loop(self)
-        try:
-            # Messages reach their handlers before code waiting on other events resumes:
-            # a run that continues as new (or completes) on an activity result or timer
-            # has seen the signals and updates that arrived with it.
-            for event in inbound:
-                if event.type in _MESSAGE_EVENTS:
-                    self._deliver(event)
-            if then is not None:
-                then()
-            for event in inbound:
-                if event.type not in _MESSAGE_EVENTS:
-                    self._deliver(event)
-            self._run_ready()
-            self._drop_finished_tasks()
-        finally:
-            asyncio.events._set_running_loop(previous)
+        # Messages reach their handlers before code waiting on other events resumes:
+        # a run that continues as new (or completes) on an activity result or timer
+        # has seen the signals and updates that arrived with it.
+        for event in inbound:
+            if event.type in _MESSAGE_EVENTS:
+                self._deliver(event)
+        if then is not None:
+            then()
+        for event in inbound:
+            if event.type not in _MESSAGE_EVENTS:
+                self._deliver(event)
+        self._run_ready()
+        self._drop_finished_tasks()
         self._check_main()
 
     def _drop_finished_tasks(self) -> None:
@@ -415,12 +437,14 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         defn = self.defn
         self.workflow_object = defn.cls()
         run = getattr(self.workflow_object, defn.run_name)
-
-        async def main() -> Any:
-            decoded = self.converter.decode_args(args, defn.arg_hints, "workflow")
-            return await run(*decoded)
-
-        self._main = self.create_task(main(), name=f"workflow {defn.name}")
+        # The task runs ``run``'s own coroutine (no wrapper to step through at every
+        # wake-up); arguments that do not decode or bind end the task with that error,
+        # as if ``run`` had raised it.
+        try:
+            main = run(*self.converter.decode_args(args, defn.arg_hints, "workflow"))
+        except Exception as e:
+            main = _raise(e)
+        self._main = self.create_task(main, name=f"workflow {defn.name}")
 
     def _check_main(self) -> None:
         main = self._main
@@ -907,6 +931,10 @@ def _describe(event_type: str, data: dict[str, Any]) -> str:
     if "seq" in data:
         return f"{event_type}(seq {data['seq']})"
     return event_type
+
+
+async def _raise(error: Exception) -> Any:
+    raise error
 
 
 def _check_arity(method: Callable[..., Any], args: list[Any], what: str) -> None:
