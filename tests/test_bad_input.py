@@ -204,7 +204,10 @@ async def test_oversize_argument_is_rejected(env: WorkflowEnvironment, value: An
     assert [d.workflow_id for d in await env.client.list_workflows()] == ["small"]
 
 
-@pytest.mark.parametrize("value", [1.2345678901234567e-300, -(1 << 63), 1 << 70, True, None])
+@pytest.mark.parametrize(
+    "value",
+    [1.2345678901234567e-300, -2.2250738585072014e-308, -(1 << 63), 1 << 70, 10**50, True, None],
+)
 def test_small_values_are_measured_against_a_tiny_limit(value: Any) -> None:
     """Numbers, booleans and None skip measuring their JSON under a normal limit; under a
     limit too small for them they are measured, and refused when over it."""
@@ -215,6 +218,13 @@ def test_small_values_are_measured_against_a_tiny_limit(value: Any) -> None:
         with pytest.raises(PayloadError, match="over the limit"):
             tiny.encode(value, "result")
     assert PayloadConverter(max_payload_bytes=size).encode(value, "result") == value
+
+
+def test_a_huge_int_is_measured_under_a_normal_limit() -> None:
+    """Only 64-bit ints skip measuring: a wider one may exceed a limit above 32 bytes."""
+    with pytest.raises(PayloadError, match="over the limit"):
+        PayloadConverter(max_payload_bytes=40).encode(10**50, "result")
+    assert PayloadConverter(max_payload_bytes=40).encode(10**30, "result") == 10**30
 
 
 async def test_oversize_argument_via_connect(env: WorkflowEnvironment) -> None:

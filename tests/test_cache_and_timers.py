@@ -76,15 +76,30 @@ class Returns:
         return start
 
 
-@pytest.mark.parametrize("workflow_class", [Counter, SleepsAndCalls, Returns])
-def test_an_evicted_run_is_freed_without_the_cycle_collector(workflow_class: type) -> None:
-    """The worker evicts runs all the time (cache full, closed): each must go at once,
-    not pile up as cyclic garbage whose collection costs more the more is alive."""
-    started = {"workflow_id": "w", "workflow_type": "t", "task_queue": "q", "args": [1]}
+@pytest.mark.parametrize(
+    ("workflow_class", "args"),
+    [
+        (Counter, [1]),
+        (SleepsAndCalls, [1]),
+        (Returns, [1]),
+        (Returns, ["three"]),  # does not decode: the run fails
+        (Returns, [1, 2]),  # does not bind: the task fails
+    ],
+)
+def test_an_evicted_run_is_freed_without_the_cycle_collector(
+    workflow_class: type, args: list[Any]
+) -> None:
+    """The worker evicts runs all the time (cache full, closed, failed): each must go at
+    once, not pile up as cyclic garbage whose collection costs more the more is alive."""
+    started = {"workflow_id": "w", "workflow_type": "t", "task_queue": "q", "args": args}
     info = WorkflowInfo.from_started("run", 0.0, started)
     instance = WorkflowInstance(workflow_definition(workflow_class), info, PayloadConverter())  # type: ignore[abstract]
-    commands = instance.apply([Event(1, WORKFLOW_STARTED, 0.0, {**started, "seed": 7})], 0.0)
-    assert commands  # waiting on an activity (and a timer), or closing
+    try:
+        commands = instance.apply([Event(1, WORKFLOW_STARTED, 0.0, {**started, "seed": 7})], 0.0)
+        assert commands  # waiting on an activity (and a timer), or closing
+    except WorkflowTaskFailure as e:
+        assert len(args) == 2, e  # only the arguments that do not bind
+        del e
     freed = weakref.ref(instance)
     gc.collect()
     gc.disable()

@@ -437,14 +437,13 @@ class WorkflowInstance(asyncio.AbstractEventLoop):
         defn = self.defn
         self.workflow_object = defn.cls()
         run = getattr(self.workflow_object, defn.run_name)
-        # The task runs ``run``'s own coroutine (no wrapper to step through at every
-        # wake-up); arguments that do not decode or bind end the task with that error,
-        # as if ``run`` had raised it.
-        try:
-            main = run(*self.converter.decode_args(args, defn.arg_hints, "workflow"))
-        except Exception as e:
-            main = _raise(e)
-        self._main = self.create_task(main, name=f"workflow {defn.name}")
+
+        async def main() -> Any:
+            # Decoded inside the task (its context, its errors), as run() would be.
+            decoded = self.converter.decode_args(args, defn.arg_hints, "workflow")
+            return await run(*decoded)
+
+        self._main = self.create_task(main(), name=f"workflow {defn.name}")
 
     def _check_main(self) -> None:
         main = self._main
@@ -931,10 +930,6 @@ def _describe(event_type: str, data: dict[str, Any]) -> str:
     if "seq" in data:
         return f"{event_type}(seq {data['seq']})"
     return event_type
-
-
-async def _raise(error: Exception) -> Any:
-    raise error
 
 
 def _check_arity(method: Callable[..., Any], args: list[Any], what: str) -> None:
