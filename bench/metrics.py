@@ -70,6 +70,8 @@ METRICS: dict[str, list[Metric]] = {
         _m("slack_s", "s", headline=False),
         _m("worker_rss_peak_mib", "MiB", headline=False),
         _m("results_ok", "wf", higher=True, headline=False),
+        _m("wake_cpu_s", "s", headline=False),
+        _m("wake_cpu_us_per_wf", "us", headline=False),
     ],
 }
 

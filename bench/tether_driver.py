@@ -304,8 +304,10 @@ async def run_e(args: DriverArgs, store_size: Callable[[], Awaitable[float]]) ->
         store_mib = await store_size()
         profile = os.environ.get(PROFILE_E_ENV)
         idle = bool(os.environ.get(PROFILE_IDLE_ENV))
+        cpu = _cpu_meter(worker.pid)
         with py_spy(worker.pid, Path(profile) if profile else None, idle):
             await _until(lambda: tasks() >= 2 * n, due + 900, poll=0.05)
+        wake_cpu = cpu()
         wakes = await _results(handles)
         rss_peak = procs.peak_rss_mib(worker.pid)
         await client.close()
@@ -325,6 +327,10 @@ async def run_e(args: DriverArgs, store_size: Callable[[], Awaitable[float]]) ->
             "slack_s": round(due - asleep, 2),
             "worker_rss_peak_mib": rss_peak,
             "results_ok": len(wakes),
+            # CPU of the worker's processes from just before the due time until every
+            # sleeper had run: steadier than the wall time on a VM that others share.
+            "wake_cpu_s": wake_cpu["worker_cpu_s"],
+            "wake_cpu_us_per_wf": round(wake_cpu["worker_cpu_s"] / n * 1e6, 1),
         }
     }
 

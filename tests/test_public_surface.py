@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import tether
 from tether import activity, client, testing, worker, workflow
 
@@ -93,7 +95,6 @@ def test_module_exports() -> None:
 def test_public_modules_do_not_import_the_store_or_worker_engine() -> None:
     """Layering: public API -> runtime -> store. Workflow and activity code never sees them."""
     import ast
-    import pathlib
 
     root = pathlib.Path(tether.__file__).parent
     for name in ("workflow.py", "activity.py", "exceptions.py", "common.py", "converter.py"):
@@ -114,7 +115,6 @@ def test_the_sql_store_layers_import_only_the_layers_below() -> None:
     """``SqlStore`` is built in layers (see ``tether._store.sql``): each module may use
     the ones before it in this list, never one after it."""
     import ast
-    import pathlib
 
     layers = [
         "sql_statements",
@@ -138,3 +138,25 @@ def test_the_sql_store_layers_import_only_the_layers_below() -> None:
             if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("tether._store.sql")
         }
         assert imported <= set(layers[:i]), (layer, imported - set(layers[:i]))
+
+
+def test_the_package_is_marked_typed_for_its_users(tmp_path: pathlib.Path) -> None:
+    """Users' type checkers read tether's annotations (PEP 561 ``py.typed``) instead of
+    treating it as untyped: a mistyped call in user code is caught."""
+    assert (pathlib.Path(tether.__file__).parent / "py.typed").is_file()
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        "from tether import RetryPolicy, workflow\n"
+        "\n"
+        "policy = RetryPolicy(maximum_attempts='three')\n"
+        "now: float = workflow.now()\n"
+    )
+    from mypy import api
+
+    out, _, status = api.run(
+        ["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "cache"), str(user)]
+    )
+    assert "import-untyped" not in out and "missing library stubs" not in out, out
+    assert status == 1, out  # both mistakes are found
+    assert 'Argument "maximum_attempts" to "RetryPolicy" has incompatible type "str"' in out
+    assert 'expression has type "datetime", variable has type "float"' in out
