@@ -106,12 +106,13 @@ async def test_a_write_never_blocks_the_loop_behind_another_connections_lock(
     tmp_path: Path,
 ) -> None:
     """Another process holds the write lock: the write waits on the writer thread, and
-    the event loop goes on meanwhile."""
+    the event loop goes on meanwhile. (The write before ran on the loop, which leaves the
+    connection's busy timeout off: the thread must turn it back on to wait.)"""
     path = os.path.join(tmp_path, "store.db")
     store = SqliteStore(path, poll_interval=_NO_POLL)
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
-        await store._execute(_thread_id, writes=True)  # the schema exists
+        assert await store._execute(_thread_id, writes=True) == threading.get_ident()
         other.execute("BEGIN IMMEDIATE")
         release = threading.Timer(1.0, other.execute, ["COMMIT"])
         release.start()

@@ -629,9 +629,12 @@ class SqliteStore(SqlStore):
                 self._waiters.notify(Change.ALL)  # what changed is unknown
             return
         # Only now, after COMMIT returned (fsync done unless lazy), are callers told.
-        _deliver(batch, outcomes)
+        # Other processes first: waking one takes tens of microseconds, which then
+        # overlap this process's own delivery instead of following it.
         if changes:
             wakeup.committed(changes)
+        _deliver(batch, outcomes)
+        if changes:
             self._waiters.notify(changes)
         if others and not wakeup.active:  # else their wake-up says what changed
             self._waiters.notify(Change.ALL)
