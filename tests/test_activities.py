@@ -8,6 +8,7 @@ a gap is never shorter than specified and at most ``SLACK`` seconds longer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -407,6 +408,105 @@ async def test_schedule_to_close_caps_total_time(
     # out at 0.3 s, attempt 2 starts at 0.35 s and is cut short by the cap at 0.6 s.
     assert len(attempt_starts[wf_id]) == (1 if start_to_close is None else 2)
     assert summary["attempt"] == len(attempt_starts[wf_id])
+
+
+_code_running = 0
+_most_code_running = 0
+_code_running_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _counted() -> Iterator[None]:
+    """Count how many activities' code runs at once, this one included."""
+    global _code_running, _most_code_running
+    with _code_running_lock:
+        _code_running += 1
+        _most_code_running = max(_most_code_running, _code_running)
+    try:
+        yield
+    finally:
+        with _code_running_lock:
+            _code_running -= 1
+
+
+@activity.defn
+def ignores_its_timeout(seconds: float) -> str:
+    _record_start()
+    with _counted():
+        time.sleep(seconds)  # never calls heartbeat(): nothing can stop it early
+    return "finished late"
+
+
+@activity.defn
+async def ignores_its_timeout_async(seconds: float) -> str:
+    _record_start()
+    with _counted():
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            try:
+                await asyncio.sleep(until - time.monotonic())
+            except asyncio.CancelledError:
+                pass  # swallowed: it carries on
+    return "finished late"
+
+
+@activity.defn
+def quick_sync(label: str) -> str:
+    _record_start()
+    with _counted():
+        time.sleep(0.01)
+    return label
+
+
+@workflow.defn
+class AfterAnAttemptGivenUpOn:
+    @workflow.run
+    async def run(self, sync: bool) -> list[str]:
+        once = RetryPolicy(maximum_attempts=1)
+        try:
+            await workflow.execute_activity(
+                ignores_its_timeout if sync else ignores_its_timeout_async,
+                1.0,
+                start_to_close_timeout=0.2,
+                retry_policy=once,
+            )
+            first = "no timeout"
+        except ActivityError as e:
+            first = _failure_summary(e)["timeout_type"]
+        second: str = await workflow.execute_activity(
+            quick_sync, "second", start_to_close_timeout=0.5, retry_policy=once
+        )
+        return [first, second]
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_code_that_outlives_its_timeout_keeps_its_slot_until_it_returns(
+    env: WorkflowEnvironment, make_worker: Callable[..., Worker], sync: bool
+) -> None:
+    """An activity that ignores its timeout goes on: a thread cannot be stopped, and an
+    async activity may swallow its cancellation. Its slot stays taken until it returns:
+    the next activity waits for the slot and then runs, never more code runs at once
+    than the limit allows, and a sync activity does not wait for a thread of the pool
+    (sized by the limit) while its own 0.5 s timeout runs out."""
+    global _most_code_running
+    wf_id = f"outlives-timeout-{sync}"
+    _reset(wf_id)
+    _most_code_running = 0
+    async with make_worker(
+        env.client,
+        workflows=[AfterAnAttemptGivenUpOn],
+        activities=[ignores_its_timeout, ignores_its_timeout_async, quick_sync],
+        max_concurrent_activities=1,
+    ):
+        began = time.monotonic()
+        result = await env.client.execute_workflow(
+            AfterAnAttemptGivenUpOn, sync, id=wf_id, task_queue="test"
+        )
+    assert result == ["start_to_close", "second"]
+    assert _most_code_running == 1
+    first, second = attempt_starts[wf_id]
+    assert second - first >= 1.0  # only once the first one's code returned
+    assert second - began < 1.0 + 2 * SLACK
 
 
 # -- heartbeats ----------------------------------------------------------------------------

@@ -166,6 +166,12 @@ class Engine:
         self._recording: set[asyncio.Task[None]] = set()
         """Activities whose code has returned and whose outcome is being recorded: their
         slots are free already (see ``_free_slot_of_current_activity``)."""
+        self._abandoned: set[asyncio.Future[Any] | concurrent.futures.Future[Any]] = set()
+        """Activity code still running after its attempt ended (a timeout, a cancel): a
+        thread cannot be stopped, and an async activity may ignore its cancellation.
+        Each holds a slot until it returns, so that ``max_concurrent_activities`` bounds
+        the code running, and a sync activity never waits for a thread in the pool
+        (while its own timeout runs) behind ones that were given up on."""
         self._activity_slots_reserved = 0
         self._next_task_due: float | None = None
         """When the next delayed task (a retry) becomes ready, as the timer loop last saw."""
@@ -793,7 +799,7 @@ class Engine:
     # -- activities --------------------------------------------------------------------
     def _free_activity_slots(self) -> int:
         alive = len(self._activity_tasks)
-        running = alive - len(self._recording)
+        running = alive - len(self._recording) + len(self._abandoned)
         # Recordings run ahead of the next activities by at most the limit again: a
         # store slow to record them must not let claimed work pile up without bound.
         free = min(self.max_activities - running, 2 * self.max_activities - alive)
@@ -993,12 +999,14 @@ class Engine:
         ctx._on_heartbeat = flusher.on_heartbeat
         context = contextvars.copy_context()
         context.run(current_activity.set, ctx)
+        code: asyncio.Future[Any] | concurrent.futures.Future[Any]
+        """Done when the activity's code has stopped (``work`` is, once given up on)."""
         if defn.is_async:
             work: asyncio.Future[Any] = loop.create_task(defn.fn(*args), context=context)
+            code = work
         else:
-            work = asyncio.ensure_future(
-                loop.run_in_executor(self._executor, functools.partial(context.run, defn.fn, *args))
-            )
+            code = self._executor.submit(functools.partial(context.run, defn.fn, *args))
+            work = asyncio.wrap_future(code, loop=loop)
         start = time.monotonic()
         start_to_close = opts.get("start_to_close")
         attempt_deadline = start + start_to_close if start_to_close else float("inf")
@@ -1025,7 +1033,7 @@ class Engine:
                 if flusher.cancelled.done():
                     reason = "cancelled by the workflow"
                     ctx.cancel(reason)
-                    work.cancel()
+                    self._give_up(work, code, task)
                     raise ActivityCancelled(reason)
                 if mono >= attempt_deadline:
                     limit = opts.get(timeout_type)
@@ -1042,7 +1050,7 @@ class Engine:
                 else:
                     continue
                 ctx.cancel(reason)
-                work.cancel()
+                self._give_up(work, code, task)
                 raise TimeoutFailure(
                     reason, timeout_type=timeout_type, last_heartbeat_details=ctx.details
                 )
@@ -1052,6 +1060,47 @@ class Engine:
             raise
         finally:
             flusher.close()
+
+    def _give_up(
+        self,
+        work: asyncio.Future[Any],
+        code: asyncio.Future[Any] | concurrent.futures.Future[Any],
+        task: ActivityTask,
+    ) -> None:
+        """End an attempt whose code is still running. A thread that has not started yet
+        is cancelled; one that has keeps its slot until it returns (``_abandoned``)."""
+        work.cancel()  # an async activity's task: cancelled at its next await
+        if not isinstance(code, concurrent.futures.Future):
+            if not code.done():
+                self._abandoned.add(code)
+                code.add_done_callback(self._abandoned_returned)
+            return
+        if code.cancel() or code.done():  # (now: cancelling ``work`` tells it later)
+            return
+        logger.warning(
+            "activity %r (run %s, attempt %d) ended while its thread still runs: the "
+            "thread keeps its slot until it returns (a thread cannot be stopped; a sync "
+            "activity learns of the end when activity.heartbeat() raises)",
+            task.activity_type,
+            task.run_id,
+            task.attempt,
+        )
+        self._abandoned.add(code)
+        loop = asyncio.get_running_loop()
+
+        def returned(_: object) -> None:  # on the activity's thread
+            try:
+                loop.call_soon_threadsafe(self._abandoned_returned, code)
+            except RuntimeError:
+                pass  # the loop has closed: nobody counts slots any more
+
+        code.add_done_callback(returned)
+
+    def _abandoned_returned(
+        self, code: asyncio.Future[Any] | concurrent.futures.Future[Any]
+    ) -> None:
+        self._abandoned.discard(code)
+        self._slot_freed(_ACTIVITY_TASK)
 
     async def _activity_failed(
         self,
