@@ -32,6 +32,7 @@ from tether import (
     activity,
     workflow,
 )
+from tether._runtime import engine as engine_module
 from tether.activity import ActivityCancelled
 from tether.testing import ActivityEnvironment, WorkflowEnvironment
 
@@ -481,14 +482,19 @@ class AfterAnAttemptGivenUpOn:
 
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 async def test_code_that_outlives_its_timeout_keeps_its_slot_until_it_returns(
-    env: WorkflowEnvironment, make_worker: Callable[..., Worker], sync: bool
+    env: WorkflowEnvironment,
+    make_worker: Callable[..., Worker],
+    sync: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An activity that ignores its timeout goes on: a thread cannot be stopped, and an
     async activity may swallow its cancellation. Its slot stays taken until it returns:
     the next activity waits for the slot and then runs, never more code runs at once
     than the limit allows, and a sync activity does not wait for a thread of the pool
-    (sized by the limit) while its own 0.5 s timeout runs out."""
+    (sized by the limit) while its own 0.5 s timeout runs out. The slot's return wakes
+    the claim at once (the idle poll is made too long to stand in for it)."""
     global _most_code_running
+    monkeypatch.setattr(engine_module, "_IDLE_POLL", 30.0)
     wf_id = f"outlives-timeout-{sync}"
     _reset(wf_id)
     _most_code_running = 0
@@ -497,7 +503,7 @@ async def test_code_that_outlives_its_timeout_keeps_its_slot_until_it_returns(
         workflows=[AfterAnAttemptGivenUpOn],
         activities=[ignores_its_timeout, ignores_its_timeout_async, quick_sync],
         max_concurrent_activities=1,
-    ):
+    ) as worker:
         began = time.monotonic()
         result = await env.client.execute_workflow(
             AfterAnAttemptGivenUpOn, sync, id=wf_id, task_queue="test"
@@ -507,6 +513,7 @@ async def test_code_that_outlives_its_timeout_keeps_its_slot_until_it_returns(
     first, second = attempt_starts[wf_id]
     assert second - first >= 1.0  # only once the first one's code returned
     assert second - began < 1.0 + 2 * SLACK
+    assert worker.stats.get("activity_threads_outliving_attempts", 0) == (1 if sync else 0)
 
 
 # -- heartbeats ----------------------------------------------------------------------------

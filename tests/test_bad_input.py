@@ -8,6 +8,7 @@ store's tables are as they were).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import socket
 import time
@@ -100,6 +101,17 @@ async def test_workflow_and_activity_workers_sharing_a_queue(env: WorkflowEnviro
         await asyncio.sleep(0.05)
         result = await client.execute_workflow(Greeter, "bo", id="split", task_queue="split")
     assert result == "hello bo"
+
+
+async def test_a_process_pool_as_activity_executor_is_rejected(env: WorkflowEnvironment) -> None:
+    """Sync activities run in the worker process's context (info, heartbeats,
+    cancellation): a process pool cannot run them, and says so before anything runs."""
+    with (
+        concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool,
+        pytest.raises(InvalidArgumentError, match=r"process pool.*thread pool"),
+    ):
+        Worker(env.client, task_queue="q", activities=[greet], activity_executor=pool)
+    assert row_counts(env.client) == EMPTY
 
 
 class NotAWorkflow:

@@ -287,3 +287,16 @@ def test_a_transaction_sqlite_rolled_back_fails_the_batch_and_commits_nothing(
         assert conn.execute("SELECT identity FROM workers").fetchall() == []
     finally:
         conn.close()
+
+
+def test_a_data_version_that_cannot_be_read_counts_as_another_processs_commit(
+    tmp_path: Path,
+) -> None:
+    """Reading ``data_version`` may fail (busy while another process recovers the WAL
+    after a crash, with the busy timeout off): the writer then says that something may
+    have changed, so that waiters look, instead of raising in the writer's thread."""
+    conn = sqlite_batches.connect(os.path.join(tmp_path, "store.db"))
+    writer = sqlite_batches.BatchWriter(conn)
+    assert writer.others_committed() is False
+    conn.close()  # reading it now fails with an sqlite3.Error, as a busy database would
+    assert writer.others_committed() is True

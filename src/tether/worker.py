@@ -53,7 +53,10 @@ class Worker:
             worker its own: workers sharing one take each other's leases.
         lease_duration: seconds after which work held by a worker that stopped
             renewing its leases (it died) is given to another worker.
-        activity_executor: runs sync activities (default: a thread pool).
+        activity_executor: runs sync activities (default: a thread pool with a thread
+            per ``max_concurrent_activities``). A smaller one makes a sync activity
+            wait for a thread while its timeouts run. Its code and arguments must
+            stay in this process: a process pool cannot take them.
         tune_gc: on start, raise the garbage collector's first-generation threshold
             from CPython's default of 700 to 20,000 (only if the process still has the
             default): workflow tasks allocate many short-lived objects, and the
@@ -73,6 +76,12 @@ class Worker:
             raise InvalidArgumentError("max_cached_workflows must be >= 0")
         if lease_duration <= 0:
             raise InvalidArgumentError("lease_duration must be positive")
+        if isinstance(activity_executor, concurrent.futures.ProcessPoolExecutor):
+            raise InvalidArgumentError(
+                "activity_executor cannot be a process pool: a sync activity runs in this "
+                "process's context (its info, heartbeats, cancellation); pass a thread pool, "
+                "or start processes from within the activity"
+            )
         workflow_defs = [workflow_definition(w) for w in workflows]
         activity_defs = [activity_definition(a) for a in activities]
         for kind, names in (

@@ -153,7 +153,9 @@ class Engine:
         self.graceful_shutdown_timeout = graceful_shutdown_timeout
         self._own_executor = activity_executor is None
         self._executor = activity_executor or concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, min(max_concurrent_activities, 64)),
+            # As many threads as slots (started only as needed): a sync activity given
+            # a slot must not wait for a thread while its timeouts run.
+            max_workers=max(1, max_concurrent_activities),
             thread_name_prefix="tether-activity",
         )
         self._cache: collections.OrderedDict[str, WorkflowInstance] = collections.OrderedDict()
@@ -1033,7 +1035,7 @@ class Engine:
                 if flusher.cancelled.done():
                     reason = "cancelled by the workflow"
                     ctx.cancel(reason)
-                    self._give_up(work, code, task)
+                    self._give_up(work, code, task, reason)
                     raise ActivityCancelled(reason)
                 if mono >= attempt_deadline:
                     limit = opts.get(timeout_type)
@@ -1050,7 +1052,7 @@ class Engine:
                 else:
                     continue
                 ctx.cancel(reason)
-                self._give_up(work, code, task)
+                self._give_up(work, code, task, reason)
                 raise TimeoutFailure(
                     reason, timeout_type=timeout_type, last_heartbeat_details=ctx.details
                 )
@@ -1066,6 +1068,7 @@ class Engine:
         work: asyncio.Future[Any],
         code: asyncio.Future[Any] | concurrent.futures.Future[Any],
         task: ActivityTask,
+        reason: str,
     ) -> None:
         """End an attempt whose code is still running. A thread that has not started yet
         is cancelled; one that has keeps its slot until it returns (``_abandoned``)."""
@@ -1078,13 +1081,15 @@ class Engine:
         if code.cancel() or code.done():  # (now: cancelling ``work`` tells it later)
             return
         logger.warning(
-            "activity %r (run %s, attempt %d) ended while its thread still runs: the "
-            "thread keeps its slot until it returns (a thread cannot be stopped; a sync "
-            "activity learns of the end when activity.heartbeat() raises)",
+            "activity %r (run %s, attempt %d): %s, but its code still runs in the "
+            "executor (a thread cannot be stopped) and keeps its slot until it returns; "
+            "a sync activity learns of the end when activity.heartbeat() raises",
             task.activity_type,
             task.run_id,
             task.attempt,
+            reason,
         )
+        self.stats["activity_threads_outliving_attempts"] += 1
         self._abandoned.add(code)
         loop = asyncio.get_running_loop()
 

@@ -632,7 +632,10 @@ class SqliteStore(SqlStore):
         # Other processes first: waking one takes tens of microseconds, which then
         # overlap this process's own delivery instead of following it.
         if changes:
-            wakeup.committed(changes)
+            try:
+                wakeup.committed(changes)
+            except Exception:  # they notice by polling; the callers must hear anyway
+                logger.exception("waking other processes after a commit failed")
         _deliver(batch, outcomes)
         if changes:
             self._waiters.notify(changes)

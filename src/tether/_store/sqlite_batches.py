@@ -128,7 +128,12 @@ class BatchWriter:
     def others_committed(self) -> bool:
         """Whether another connection committed since the last look (our own commits
         leave ``data_version`` as it is)."""
-        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        try:
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            # Busy, say, while another process recovers the WAL after a crash (the
+            # busy timeout may be off, see ``_begin``): unknown, so say changed.
+            return True
         if version == self._data_version:
             return False
         self._data_version = version
