@@ -46,7 +46,8 @@ async def serve(ns: argparse.Namespace) -> None:
     await client.close()
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The worker's command line (``bench.timeline`` adds to it for its own worker)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--ready-file", required=True)
@@ -54,7 +55,11 @@ def main() -> None:
     parser.add_argument("--identity", default=None)
     parser.add_argument("--max-activities", type=int, default=100)
     parser.add_argument("--max-workflow-tasks", type=int, default=100)
-    asyncio.run(serve(parser.parse_args()))
+    return parser
+
+
+def main() -> None:
+    asyncio.run(serve(arguments().parse_args()))
 
 
 if __name__ == "__main__":

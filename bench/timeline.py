@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench import procs
 
 Stamp = tuple[float, str]
 
@@ -68,11 +68,15 @@ def _write(path: Path, who: str, stamps: list[Stamp]) -> None:
     path.write_text("".join(f"{t:.7f}\t{who}\t{label}\n" for t, label in stamps))
 
 
-def _worker(ns: argparse.Namespace) -> None:
-    stamps: list[Stamp] = []
-    install_stamps(stamps)
+def _worker(argv: list[str]) -> None:
+    """``bench.tether_worker``, stamped; its stamps go to ``--stamps-file``."""
     from bench import tether_worker
 
+    parser = tether_worker.arguments()
+    parser.add_argument("--stamps-file", required=True)
+    ns = parser.parse_args(argv)
+    stamps: list[Stamp] = []
+    install_stamps(stamps)
     try:
         asyncio.run(tether_worker.serve(ns))
     finally:
@@ -124,44 +128,28 @@ def _timeline(rows: list[tuple[float, str, str]]) -> tuple[list[tuple[str, float
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--worker"]:  # the worker process this starts
+        _worker(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=400, help="workflows measured")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-file", help=argparse.SUPPRESS)
-    parser.add_argument("--stats-file", help=argparse.SUPPRESS)
-    parser.add_argument("--stamps-file", help=argparse.SUPPRESS)
-    parser.add_argument("--identity", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--max-activities", type=int, default=100, help=argparse.SUPPRESS)
-    parser.add_argument("--max-workflow-tasks", type=int, default=100, help=argparse.SUPPRESS)
     ns = parser.parse_args()
-    if ns.worker:
-        _worker(ns)
-        return
     with tempfile.TemporaryDirectory(prefix="tether-timeline-") as tmp:
         work = Path(tmp)
         url = f"sqlite:///{work / 'store.db'}"
         ready, stamps_file = work / "ready", work / "worker-stamps"
-        worker = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "bench.timeline", "--worker", "--url", url),
-                *("--ready-file", str(ready), "--stats-file", str(work / "stats")),
-                *("--stamps-file", str(stamps_file)),
-            ],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
-        )
+        cmd = [sys.executable, "-m", "bench.timeline", "--worker", "--url", url]
+        cmd += ["--ready-file", str(ready), "--stats-file", str(work / "stats")]
+        cmd += ["--stamps-file", str(stamps_file)]
+        worker = procs.spawn(cmd, work / "worker.log")
         try:
-            while not ready.exists():
-                if worker.poll() is not None:
-                    raise SystemExit("the worker process exited before it was ready")
-                time.sleep(0.05)
+            procs.wait_for_file(ready, worker)
             client_stamps: list[Stamp] = []
             install_stamps(client_stamps)
             asyncio.run(_client(url, ns.n, ns.warmup, client_stamps))
         finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+            procs.stop(worker)
         first = min(t for t, _ in client_stamps)
         rows = [(t, "client", label) for t, label in client_stamps]
         for line in stamps_file.read_text().splitlines():

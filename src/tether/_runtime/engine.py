@@ -1001,8 +1001,9 @@ class Engine:
         ctx._on_heartbeat = flusher.on_heartbeat
         context = contextvars.copy_context()
         context.run(current_activity.set, ctx)
+        # ``code`` is done when the activity's code has stopped; ``work`` is done as soon
+        # as the attempt is given up on, which a thread's code does not notice.
         code: asyncio.Future[Any] | concurrent.futures.Future[Any]
-        """Done when the activity's code has stopped (``work`` is, once given up on)."""
         if defn.is_async:
             work: asyncio.Future[Any] = loop.create_task(defn.fn(*args), context=context)
             code = work
